@@ -1,0 +1,47 @@
+# The README's two commands: `make demo` and `make test`. Both install what is missing first.
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+# llama-cpp-python compiles llama.cpp; portable flags so the build runs on any x86-64 CPU.
+export CMAKE_ARGS ?= -DGGML_NATIVE=OFF
+STAMP := .make
+DEMO := out/demo
+QUANTS := f32 f16 bf16 q8_0 q4_0 q4_K_M q5_K_M q6_K
+
+.PHONY: install install-test fixtures demo test bench clean
+
+$(STAMP)/install: pyproject.toml
+	@mkdir -p $(STAMP)
+	$(PIP) install --quiet torch==2.13.0
+	$(PIP) install --quiet -e .
+	@touch $@
+
+$(STAMP)/install-test: pyproject.toml $(STAMP)/install
+	$(PIP) install --quiet -e '.[test]'
+	@touch $@
+
+install: $(STAMP)/install
+install-test: $(STAMP)/install-test
+
+fixtures: $(STAMP)/install
+	$(PYTHON) fixtures/make_fixtures.py
+
+demo: fixtures
+	@mkdir -p $(DEMO)
+	minicpm-convert inspect fixtures/build/tiny
+	minicpm-convert to-llama fixtures/build/tiny $(DEMO)/tiny-llama --force
+	minicpm-convert to-llama fixtures/build/tiny $(DEMO)/tiny-llama-f32 --dtype float32 --force
+	@for q in $(QUANTS); do \
+		minicpm-convert to-gguf fixtures/build/tiny $(DEMO)/tiny-$$q.gguf --quant $$q --force || exit 1; \
+	done
+	minicpm-convert to-gguf fixtures/build/tiny $(DEMO)/tiny-llama-q4_K_M.gguf --quant q4_K_M --arch llama --force
+	minicpm-convert verify fixtures/build/tiny $(DEMO)/tiny-llama $(DEMO)/tiny-llama-f32 \
+		$(foreach q,$(QUANTS),$(DEMO)/tiny-$(q).gguf) $(DEMO)/tiny-llama-q4_K_M.gguf --json $(DEMO)/parity.json
+
+test: $(STAMP)/install-test
+	$(PYTHON) -m pytest -q
+
+bench: $(STAMP)/install-test
+	$(PYTHON) benchmarks/bench.py
+
+clean:
+	rm -rf out $(STAMP) fixtures/build .pytest_cache

@@ -1,0 +1,222 @@
+"""The `minicpm-convert` command line."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from enum import Enum
+from functools import wraps
+from pathlib import Path
+from typing import Optional
+
+import torch
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from . import __version__
+from .errors import ConvertError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Convert MiniCPM checkpoints (Hugging Face layout) to Llama format, GGUF and INT4, "
+         "and verify every export numerically against a reference forward pass.",
+)
+out_console = Console()
+err_console = Console(stderr=True)
+
+
+def run_safely(fn):
+    """Bad input: one line on stderr and exit 2. Ctrl-C: exit 130 (temporaries already removed)."""
+    @wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except ConvertError as exc:
+            err_console.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            err_console.print("interrupted; no output was written", highlight=False)
+            raise typer.Exit(130) from None
+    return wrapper
+
+
+def version_callback(value: bool):
+    if value:
+        out_console.print(f"minicpm-convert {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(version: bool = typer.Option(False, "--version", callback=version_callback, is_eager=True,
+                                      help="Print the version and exit.")):
+    pass
+
+
+class DType(str, Enum):
+    auto = "auto"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+    float32 = "float32"
+
+
+def parse_size(text: str) -> int:
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*", text, re.IGNORECASE)
+    if not m:
+        raise ConvertError(f"--shard-size: cannot read {text!r} (examples: 2GB, 500MB)")
+    value = float(m.group(1)) * 1000 ** "_KMGT".index(m.group(2).upper() or "_")
+    if value < 1:
+        raise ConvertError(f"--shard-size: must be positive, got {text!r}")
+    return int(value)
+
+
+SRC_HELP = "MiniCPM checkpoint: a local folder or a Hugging Face repo id (e.g. openbmb/MiniCPM-2B-sft-bf16)."
+FORCE_HELP = "Overwrite OUT if it exists."
+QUIET_HELP = "No progress bar."
+
+
+@app.command("to-llama")
+@run_safely
+def to_llama(
+    src: str = typer.Argument(..., help=SRC_HELP),
+    out: Path = typer.Argument(..., help="Output folder (LlamaForCausalLM checkpoint)."),
+    dtype: DType = typer.Option(DType.auto, "--dtype", help="Weight dtype; auto keeps the source's."),
+    shard_size: str = typer.Option("2GB", "--shard-size", help="Largest safetensors shard."),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
+):
+    """Fold the muP scale factors into the weights and write a Llama-format checkpoint.
+
+    The result loads in transformers (LlamaForCausalLM), vLLM and any Llama tooling without
+    remote code, and gives the same logits as the MiniCPM original.
+    """
+    from .checkpoint import Checkpoint
+    from .output import atomic_output, check_output
+    from .sinks.llama import write_llama
+    from .stream import llama_stream
+
+    shard_bytes = parse_size(shard_size)
+    check_output(out, force)
+    ckpt = Checkpoint.open(src)
+    refuse_unsupported(ckpt, "to-llama")
+    target = ckpt.storage_dtype if dtype is DType.auto else getattr(torch, dtype.value)
+    if target not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ConvertError(f"{ckpt.folder}: stored as {target}; pass --dtype bfloat16|float16|float32")
+    with atomic_output(out, force=force, folder=True) as tmp:
+        write_llama(ckpt, llama_stream(ckpt), tmp, target, shard_bytes, quiet=quiet)
+    err_console.print(f"wrote {out} (LlamaForCausalLM, {str(target).removeprefix('torch.')})", highlight=False)
+
+
+class Arch(str, Enum):
+    minicpm = "minicpm"
+    llama = "llama"
+
+
+@app.command("to-gguf")
+@run_safely
+def to_gguf(
+    src: str = typer.Argument(..., help=SRC_HELP),
+    out: Path = typer.Argument(..., help="Output .gguf file."),
+    quant: str = typer.Option("q4_K_M", "--quant", help="File type: f32 f16 bf16 q8_0 q4_0 q4_K_M q5_K_M q6_K "
+                                                       "(aliases q4km, q5km)."),
+    arch: Arch = typer.Option(Arch.minicpm, "--arch", help="minicpm: scales as metadata, as llama.cpp's converter "
+                                                         "writes it; llama: scales folded in, runs on any Llama runtime."),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
+):
+    """Write a GGUF file for llama.cpp (and ollama, LM Studio, llama-cpp-python).
+
+    Quantized tensors are byte-identical to llama.cpp's llama-quantize on the same weights,
+    with llama-quantize's choice of type per tensor, quantized from the exact source values.
+    """
+    from .checkpoint import Checkpoint
+    from .output import atomic_output, check_output
+    from .quant_plan import FILE_TYPES, file_type
+    from .sinks.gguf import write_gguf
+
+    ft = file_type(quant)
+    if ft is None:
+        raise ConvertError(f"--quant: unknown type {quant!r} (choose from {', '.join(FILE_TYPES)})")
+    check_output(out, force)
+    ckpt = Checkpoint.open(src)
+    refuse_unsupported(ckpt, "to-gguf")
+    with atomic_output(out, force=force, folder=False) as tmp:
+        write_gguf(ckpt, tmp, ft, arch.value, src, quiet=quiet)
+    err_console.print(f"wrote {out} (GGUF arch {arch.value}, {ft.name})", highlight=False)
+
+
+def refuse_unsupported(ckpt, command: str) -> None:
+    variant = ckpt.spec.variant
+    reasons = {
+        "minicpm3": "MiniCPM3's MLA attention has no Llama equivalent",
+        "minicpm-s": "MiniCPM-S's FATReLU activation has no Llama or llama.cpp equivalent",
+        "minicpm-moe": "MiniCPM-MoE is not supported yet",
+        "minicpm-longrope": "MiniCPM4's LongRoPE is not supported yet",
+        "llama": "this is already a Llama-format checkpoint",
+    }
+    if variant in reasons:
+        raise ConvertError(f"{ckpt.folder}: {command} refuses variant '{variant}': {reasons[variant]}")
+
+
+def parse_tokens(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(t) for t in re.split(r"[,\s]+", text.strip()) if t]
+    except ValueError:
+        raise ConvertError(f"--tokens: expected comma-separated integers, got {text!r}") from None
+
+
+@app.command("verify")
+@run_safely
+def verify_cmd(
+    src: str = typer.Argument(..., help=SRC_HELP),
+    exports: list[Path] = typer.Argument(..., help="One or more exports of SRC: Llama-format folders or GGUF files."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="Text to run (encoded with SRC's tokenizer.model)."),
+    tokens: Optional[str] = typer.Option(None, "--tokens", help="Token ids to run instead, e.g. 1,2345,67."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the figures to this JSON file."),
+):
+    """Run the MiniCPM reference on SRC and on each export, and compare their logits.
+
+    Exit code 0 when every export is within its threshold, 1 when one is not, 2 on bad input.
+    """
+    from .checkpoint import Checkpoint
+    from .verify import prompt_tokens, verify
+
+    if prompt is not None and tokens is not None:
+        raise ConvertError("give --prompt or --tokens, not both")
+    ckpt = Checkpoint.open(src)
+    ids = prompt_tokens(ckpt, prompt, parse_tokens(tokens))
+    reports = verify(ckpt, exports, ids)
+    table = Table(title=f"parity against {src} ({len(ids)} tokens)")
+    for col in ("export", "kind", "max abs err", "rel err", "min cosine", "top-1", "KL (nats)", "result"):
+        table.add_column(col, justify="left" if col in ("export", "kind") else "right")
+    for r in reports:
+        table.add_row(r.export, r.kind, f"{r.max_abs_err:.3g}", f"{r.rel_err:.3g}", f"{r.cosine:.6f}",
+                      f"{r.top1:.1%}", f"{r.kl:.3g}", "[green]pass[/]" if r.passed else "[red]FAIL[/]")
+    out_console.print(table)
+    if json_out is not None:
+        payload = {"source": src, "tokens": ids, "exports": [r.as_dict() for r in reports],
+                   "passed": all(r.passed for r in reports)}
+        json_out.write_text(json.dumps(payload, indent=2) + "\n")
+    if not all(r.passed for r in reports):
+        raise typer.Exit(1)
+
+
+@app.command("inspect")
+@run_safely
+def inspect_cmd(path: str = typer.Argument(..., help="A checkpoint folder, export folder, GGUF file or Hub repo id.")):
+    """Show config, variant, tensors, dtypes and parameter count."""
+    from .inspect import describe
+    describe(path, out_console)
+
+
+def entry() -> None:  # pragma: no cover - console script
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

@@ -1,0 +1,136 @@
+"""A GGUF file as a `WeightSource`: dequantized, un-permuted, in Hugging Face naming."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType as T
+from gguf import GGUFReader, LlamaFileType
+
+from .errors import ConvertError
+from .names import gguf_to_hf
+from .quants.ggml import dequantize
+from .spec import ModelSpec
+
+_FILE_TYPE_NAMES = {LlamaFileType.ALL_F32: "f32", LlamaFileType.MOSTLY_F16: "f16", LlamaFileType.MOSTLY_BF16: "bf16",
+                    LlamaFileType.MOSTLY_Q8_0: "q8_0", LlamaFileType.MOSTLY_Q4_0: "q4_0",
+                    LlamaFileType.MOSTLY_Q4_K_M: "q4_K_M", LlamaFileType.MOSTLY_Q5_K_M: "q5_K_M",
+                    LlamaFileType.MOSTLY_Q6_K: "q6_K"}
+
+
+class GgufSource:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        try:
+            self.reader = GGUFReader(self.path)
+        except (ValueError, OSError, IndexError, KeyError) as exc:
+            raise ConvertError(f"{self.path}: not a readable GGUF file ({str(exc).splitlines()[0][:160]})") from None
+        self.arch = self._str("general.architecture")
+        if self.arch not in ("minicpm", "llama"):
+            raise ConvertError(f"{self.path}: architecture '{self.arch}' is not one verify understands (minicpm, llama)")
+        self.version = int(self._field("GGUF.version"))
+        self.tensors = self.reader.tensors
+        self._by_hf: dict[str, object] = {}
+        for t in self.tensors:
+            try:
+                self._by_hf[gguf_to_hf(t.name)] = t
+            except KeyError:
+                if not t.name.startswith("rope_factors"):
+                    raise ConvertError(f"{self.path}: unexpected tensor '{t.name}'") from None
+        ftype = int(self._field("general.file_type", default=-1))
+        self.file_type_name = _FILE_TYPE_NAMES.get(ftype, f"ftype{ftype}")
+        self.spec = self._spec()
+        self._check_shapes()
+
+    # -- metadata ----------------------------------------------------------------------------
+    def _field(self, key: str, default=...):
+        field = self.reader.fields.get(key)
+        if field is None:
+            if default is ...:
+                raise ConvertError(f"{self.path}: missing metadata key '{key}'")
+            return default
+        return field.contents()
+
+    def _str(self, key: str) -> str:
+        value = self._field(key)
+        if not isinstance(value, str):
+            raise ConvertError(f"{self.path}: metadata key '{key}' is not a string")
+        return value
+
+    def _spec(self) -> ModelSpec:
+        a = self.arch
+        get = lambda k, d=...: self._field(f"{a}.{k}", d)  # noqa: E731
+        heads = int(get("attention.head_count"))
+        tokens = self._field("tokenizer.ggml.tokens", default=None)
+        vocab = int(get("vocab_size", len(tokens) if tokens is not None else 0))
+        common = dict(
+            hidden_size=int(get("embedding_length")), num_hidden_layers=int(get("block_count")),
+            num_attention_heads=heads, num_key_value_heads=int(get("attention.head_count_kv", heads)),
+            intermediate_size=int(get("feed_forward_length")), vocab_size=vocab,
+            rms_norm_eps=float(get("attention.layer_norm_rms_eps")), rope_theta=float(get("rope.freq_base", 10000.0)),
+            max_position_embeddings=int(get("context_length")),
+            tie_word_embeddings="lm_head.weight" not in self._by_hf,
+        )
+        if a == "minicpm":
+            layers = common["num_hidden_layers"]
+            return ModelSpec(model_type="minicpm", variant="minicpm", scale_emb=float(get("embedding_scale")),
+                             scale_depth=float(get("residual_scale")) * layers ** 0.5,
+                             dim_model_base=common["hidden_size"] / float(get("logit_scale")), **common)
+        return ModelSpec(model_type="llama", variant="llama", **common)
+
+    def _check_shapes(self) -> None:
+        from .names import expected_shapes
+        expected = expected_shapes(self.spec)
+        for name, shape in expected.items():
+            if name not in self._by_hf:
+                raise ConvertError(f"{self.path}: missing tensor '{_gguf_name(name)}'")
+            if self.shape(name) != shape:
+                raise ConvertError(f"{self.path}: tensor '{_gguf_name(name)}' has shape {list(self.shape(name))}, "
+                                   f"the metadata implies {list(shape)}")
+
+    def summary_fields(self) -> list[tuple[str, object]]:
+        skip = ("tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type", "tokenizer.chat_template")
+        out = []
+        for key, field in self.reader.fields.items():
+            if key.startswith("GGUF.") or key in skip:
+                continue
+            value = field.contents()
+            out.append((key, value))
+        tokens = self._field("tokenizer.ggml.tokens", default=None)
+        if tokens is not None:
+            out.append(("tokenizer.ggml.tokens", f"{len(tokens)} tokens"))
+        return out
+
+    # -- WeightSource --------------------------------------------------------------------------
+    def has(self, name: str) -> bool:
+        return name in self._by_hf
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(int(d) for d in reversed(self._by_hf[name].shape.tolist()))
+
+    def read(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        t = self._by_hf[name]
+        shape = self.shape(name)
+        if len(shape) == 1:
+            return torch.from_numpy(np.array(t.data, dtype=np.float32).reshape(shape)[start:stop])
+        heads = {"self_attn.q_proj.weight": self.spec.num_attention_heads,
+                 "self_attn.k_proj.weight": self.spec.num_key_value_heads}.get(name.split(".", 3)[-1])
+        rows = np.asarray(t.data).reshape(shape[0], -1)
+        if heads:  # rows were permuted per head: dequantize whole, un-permute, then slice
+            from .sinks.gguf import unpermute_rows
+            full = torch.from_numpy(self._dequant(rows, t.tensor_type).reshape(shape))
+            return unpermute_rows(full, heads)[start:stop].contiguous()
+        return torch.from_numpy(self._dequant(rows[start:stop], t.tensor_type).reshape(-1, shape[1]))
+
+    @staticmethod
+    def _dequant(raw: np.ndarray, qtype: T) -> np.ndarray:
+        if qtype in (T.F32, T.F16):
+            return np.asarray(raw, dtype=np.float32)
+        return dequantize(np.ascontiguousarray(raw).view(np.uint8), qtype).astype(np.float32, copy=False)
+
+
+def _gguf_name(hf: str) -> str:
+    from .names import hf_to_gguf
+    return hf_to_gguf(hf)

@@ -1,0 +1,108 @@
+"""The one table of tensor names between formats, and the tensors a spec expects.
+
+Hugging Face (MiniCPM and Llama share names) on the left, GGUF (llama.cpp) on the right.
+"""
+
+from __future__ import annotations
+
+import re
+
+from .errors import ConvertError
+from .spec import ModelSpec
+
+GLOBAL_NAMES = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+}
+LAYER_NAMES = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+}
+# The seven Linear layers of a decoder block (what INT4 quantizes).
+PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+_HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+_GGUF_LAYER = re.compile(r"^blk\.(\d+)\.(.+)$")
+_GGUF_TO_HF_GLOBAL = {v: k for k, v in GLOBAL_NAMES.items()}
+_GGUF_TO_HF_LAYER = {v: k for k, v in LAYER_NAMES.items()}
+
+# Buffers some checkpoints carry that are recomputed at load time, never weights.
+IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+
+
+def hf_to_gguf(name: str) -> str:
+    if name in GLOBAL_NAMES:
+        return GLOBAL_NAMES[name]
+    m = _HF_LAYER.match(name)
+    if m and m.group(2) in LAYER_NAMES:
+        return f"blk.{m.group(1)}.{LAYER_NAMES[m.group(2)]}"
+    raise KeyError(name)
+
+
+def gguf_to_hf(name: str) -> str:
+    if name in _GGUF_TO_HF_GLOBAL:
+        return _GGUF_TO_HF_GLOBAL[name]
+    m = _GGUF_LAYER.match(name)
+    if m and m.group(2) in _GGUF_TO_HF_LAYER:
+        return f"model.layers.{m.group(1)}.{_GGUF_TO_HF_LAYER[m.group(2)]}"
+    raise KeyError(name)
+
+
+def layer_index(name: str) -> int | None:
+    m = _HF_LAYER.match(name) or _GGUF_LAYER.match(name)
+    return int(m.group(1)) if m else None
+
+
+def expected_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
+    """Every weight a dense checkpoint of this spec holds, in canonical order, with its shape."""
+    h, hd, inter = spec.hidden_size, spec.head_dim, spec.intermediate_size
+    q, kv = spec.num_attention_heads * hd, spec.num_key_value_heads * hd
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (spec.vocab_size, h)}
+    for i in range(spec.num_hidden_layers):
+        p = f"model.layers.{i}."
+        shapes[p + "input_layernorm.weight"] = (h,)
+        shapes[p + "self_attn.q_proj.weight"] = (q, h)
+        shapes[p + "self_attn.k_proj.weight"] = (kv, h)
+        shapes[p + "self_attn.v_proj.weight"] = (kv, h)
+        shapes[p + "self_attn.o_proj.weight"] = (h, q)
+        shapes[p + "post_attention_layernorm.weight"] = (h,)
+        shapes[p + "mlp.gate_proj.weight"] = (inter, h)
+        shapes[p + "mlp.up_proj.weight"] = (inter, h)
+        shapes[p + "mlp.down_proj.weight"] = (h, inter)
+    shapes["model.norm.weight"] = (h,)
+    if not spec.tie_word_embeddings:
+        shapes["lm_head.weight"] = (spec.vocab_size, h)
+    return shapes
+
+
+def check_tensor_set(spec: ModelSpec, present: dict[str, tuple[int, ...]], where: str) -> list[str]:
+    """Compare a checkpoint's tensors with what its config implies; return the canonical order.
+
+    A tied model that still ships lm_head.weight is accepted (the head is then used as given).
+    """
+    expected = expected_shapes(spec)
+    if spec.tie_word_embeddings and "lm_head.weight" in present:
+        expected["lm_head.weight"] = (spec.vocab_size, spec.hidden_size)
+    names = [n for n in present if not n.endswith(IGNORED_SUFFIXES)]
+    missing = [n for n in expected if n not in present]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ConvertError(f"{where}: missing tensor '{missing[0]}'{more}")
+    unexpected = [n for n in names if n not in expected]
+    if unexpected:
+        more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
+        raise ConvertError(f"{where}: unexpected tensor '{unexpected[0]}'{more} for this config")
+    for name, shape in expected.items():
+        if tuple(present[name]) != shape:
+            raise ConvertError(f"{where}: tensor '{name}' has shape {list(present[name])}, "
+                               f"config.json implies {list(shape)}")
+    return list(expected)

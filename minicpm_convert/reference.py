@@ -1,0 +1,99 @@
+"""Reference forward pass of MiniCPM (muP) and Llama in float32, layer by layer.
+
+It reads weights through one interface, `WeightSource`, so the same code runs on the original
+checkpoint, a Llama-format export, a GGUF file or an INT4 folder. A Llama model is a MiniCPM model
+whose three scalars are 1 (`ModelSpec` of model_type llama), so there is one forward pass.
+Only one layer's weights are in memory at a time, and the head is applied in row chunks.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from .spec import ModelSpec
+
+HEAD_CHUNK_ROWS = 8192
+
+
+class WeightSource(Protocol):
+    spec: ModelSpec
+
+    def has(self, name: str) -> bool: ...
+
+    def shape(self, name: str) -> tuple[int, ...]: ...
+
+    def read(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Rows [start, stop) of a weight, float32, in Hugging Face layout and naming."""
+        ...
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+
+def rope_tables(spec: ModelSpec, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin for the half-split ("rotate_half") layout, computed in float32."""
+    hd = spec.head_dim
+    inv_freq = 1.0 / (spec.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
+    freqs = positions.float()[:, None] * inv_freq[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def attention(spec: ModelSpec, h: torch.Tensor, wq, wk, wv, wo, cos, sin) -> torch.Tensor:
+    t = h.shape[0]
+    hd, nh, nkv = spec.head_dim, spec.num_attention_heads, spec.num_key_value_heads
+    q = (h @ wq.T).view(t, nh, hd).transpose(0, 1)
+    k = (h @ wk.T).view(t, nkv, hd).transpose(0, 1)
+    v = (h @ wv.T).view(t, nkv, hd).transpose(0, 1)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    if nkv != nh:
+        k = k.repeat_interleave(nh // nkv, dim=0)
+        v = v.repeat_interleave(nh // nkv, dim=0)
+    scores = (q @ k.transpose(1, 2)) / (hd ** 0.5)
+    mask = torch.ones(t, t, dtype=torch.bool).triu(1)
+    scores = scores.masked_fill(mask, float("-inf"))
+    out = torch.softmax(scores, dim=-1) @ v
+    return out.transpose(0, 1).reshape(t, nh * hd) @ wo.T
+
+
+def mlp(h: torch.Tensor, w_gate, w_up, w_down) -> torch.Tensor:
+    return (torch.nn.functional.silu(h @ w_gate.T) * (h @ w_up.T)) @ w_down.T
+
+
+def embed(source: WeightSource, tokens: list[int]) -> torch.Tensor:
+    rows = [source.read("model.embed_tokens.weight", i, i + 1) for i in tokens]
+    return torch.cat(rows, dim=0)
+
+
+def forward(source: WeightSource, tokens: list[int]) -> torch.Tensor:
+    """Logits [len(tokens), vocab] in float32."""
+    spec = source.spec
+    if not tokens:
+        raise ValueError("no tokens")
+    with torch.no_grad():
+        h = embed(source, tokens) * spec.scale_emb
+        cos, sin = rope_tables(spec, torch.arange(len(tokens)))
+        r = spec.residual_scale
+        for i in range(spec.num_hidden_layers):
+            p = f"model.layers.{i}."
+            x = rms_norm(h, source.read(p + "input_layernorm.weight"), spec.rms_norm_eps)
+            a = attention(spec, x, *(source.read(p + f"self_attn.{w}_proj.weight") for w in "qkvo"), cos, sin)
+            h = h + a * r
+            x = rms_norm(h, source.read(p + "post_attention_layernorm.weight"), spec.rms_norm_eps)
+            m = mlp(x, *(source.read(p + f"mlp.{w}_proj.weight") for w in ("gate", "up", "down")))
+            h = h + m * r
+        h = rms_norm(h, source.read("model.norm.weight"), spec.rms_norm_eps) / spec.logit_scale
+        head = "lm_head.weight" if source.has("lm_head.weight") else "model.embed_tokens.weight"
+        vocab = source.shape(head)[0]
+        chunks = [h @ source.read(head, s, min(vocab, s + HEAD_CHUNK_ROWS)).T
+                  for s in range(0, vocab, HEAD_CHUNK_ROWS)]
+        return torch.cat(chunks, dim=1)

@@ -1,0 +1,1 @@
+"""Exporters: each consumes the same stream of `TensorJob`s and writes one format."""

@@ -1,0 +1,125 @@
+"""GGUF for llama.cpp: arch `minicpm` (scales as metadata) or `llama` (scales folded in).
+
+Tensors are written in llama-quantize's order with llama-quantize's type plan, each read,
+permuted, quantized and written in row chunks, so memory stays at one chunk of one tensor.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType as T
+from gguf import GGUFWriter
+
+from .. import __version__
+from ..checkpoint import Checkpoint
+from ..names import hf_to_gguf
+from ..progress import progress_bar
+from ..quant_plan import FileType, sort_key, tensor_type
+from ..quants.ggml import quantize
+from ..gguf_vocab import add_vocab
+from ..stream import TensorJob, llama_stream, source_stream
+
+QK_ROWS = ("self_attn.q_proj.weight", "self_attn.k_proj.weight")
+
+
+def permute_rows(t: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """HF's half-split rotary layout -> ggml's adjacent pairs (llama.cpp's LlamaModel.permute)."""
+    rows = t.shape[0]
+    return t.reshape(n_heads, 2, rows // n_heads // 2, *t.shape[1:]).swapaxes(1, 2).reshape(t.shape)
+
+
+def unpermute_rows(t: torch.Tensor, n_heads: int) -> torch.Tensor:
+    rows = t.shape[0]
+    return t.reshape(n_heads, rows // n_heads // 2, 2, *t.shape[1:]).swapaxes(1, 2).reshape(t.shape)
+
+
+def qk_heads(spec, hf_name: str) -> int | None:
+    if hf_name.endswith("self_attn.q_proj.weight"):
+        return spec.num_attention_heads
+    if hf_name.endswith("self_attn.k_proj.weight"):
+        return spec.num_key_value_heads
+    return None
+
+
+def gguf_jobs(ckpt: Checkpoint, arch: str) -> list[tuple[str, TensorJob]]:
+    """(gguf name, job) in llama-quantize's order; a tied minicpm head is not written."""
+    jobs = llama_stream(ckpt) if arch == "llama" else source_stream(ckpt)
+    named = [(hf_to_gguf(j.name), j) for j in jobs]
+    return sorted(named, key=lambda item: sort_key(item[0]))
+
+
+def add_metadata(w: GGUFWriter, ckpt: Checkpoint, arch: str, ft: FileType, source: str) -> None:
+    spec = ckpt.spec
+    w.add_type("model")
+    w.add_name(Path(source.rstrip("/")).name or "MiniCPM")
+    w.add_quantized_by(f"minicpm-convert {__version__}")
+    if not Path(source).exists():  # a Hub repo id
+        w.add_source_repo_url(f"https://huggingface.co/{source}")
+    w.add_string("minicpm_convert.version", __version__)
+    w.add_string("minicpm_convert.arch", arch)
+    w.add_block_count(spec.num_hidden_layers)
+    w.add_context_length(spec.max_position_embeddings)
+    w.add_embedding_length(spec.hidden_size)
+    w.add_feed_forward_length(spec.intermediate_size)
+    w.add_head_count(spec.num_attention_heads)
+    w.add_head_count_kv(spec.num_key_value_heads)
+    w.add_layer_norm_rms_eps(spec.rms_norm_eps)
+    w.add_rope_freq_base(spec.rope_theta)
+    w.add_rope_dimension_count(spec.head_dim)
+    w.add_vocab_size(spec.vocab_size)
+    if arch == "minicpm":
+        w.add_embedding_scale(spec.scale_emb)
+        w.add_residual_scale(spec.residual_scale)
+        w.add_logit_scale(spec.logit_scale)
+    w.add_file_type(int(ft.ftype))
+    w.add_quantization_version(2)
+    add_vocab(w, ckpt.folder, spec.vocab_size)
+
+
+def encode(rows: torch.Tensor, qtype: T) -> np.ndarray:
+    x = rows.numpy()
+    if qtype == T.F32:
+        return np.ascontiguousarray(x, dtype=np.float32)
+    return quantize(np.ascontiguousarray(x.reshape(-1, x.shape[-1]), dtype=np.float32), qtype)
+
+
+def row_bytes(qtype: T, ncols: int) -> int:
+    from gguf import GGML_QUANT_SIZES
+    block, size = GGML_QUANT_SIZES[qtype]
+    return ncols // block * size
+
+
+def write_gguf(ckpt: Checkpoint, out: Path, ft: FileType, arch: str, source: str, *, quiet: bool = False) -> dict[str, T]:
+    """Write the GGUF file at `out`; return the type chosen for each tensor."""
+    spec = ckpt.spec
+    jobs = gguf_jobs(ckpt, arch)
+    tied = not any(name == "output.weight" for name, _ in jobs)
+    plan = {name: tensor_type(name, job.shape, ft, spec.num_hidden_layers, tied) for name, job in jobs}
+    w = GGUFWriter(None, arch)
+    add_metadata(w, ckpt, arch, ft, source)
+    for name, job in jobs:
+        nbytes = job.rows * row_bytes(plan[name], job.shape[-1]) if len(job.shape) > 1 else job.rows * 4
+        w.add_tensor_info(name, job.shape, np.dtype(np.float32), nbytes, raw_dtype=plan[name])
+    w.write_header_to_file(out)
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    f = w.fout[0]
+    total = sum(j.rows * j.row_values * 4 for _, j in jobs)
+    with progress_bar(f"to-gguf {ft.name}", total, len(jobs), quiet=quiet) as advance:
+        for name, job in jobs:
+            w.write_padding(f, f.tell())
+            heads = qk_heads(spec, job.name)
+            chunks = [(0, job.rows)] if heads else job.chunks()  # a permutation needs whole heads
+            for start, stop in chunks:
+                rows = job.read(start, stop)
+                if heads:
+                    rows = permute_rows(rows, heads)
+                f.write(encode(rows, plan[name]).tobytes())
+                advance(rows.numel() * 4, "")
+            advance(0, name)
+            w.write_padding(f, f.tell())
+    w.close()
+    return plan

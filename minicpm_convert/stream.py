@@ -1,0 +1,121 @@
+"""The stream of tensors every exporter consumes.
+
+A `TensorJob` names an output tensor (Hugging Face naming), its shape, and how to read any range
+of its rows in float32. Nothing is read until a sink asks, and a sink asks for row chunks, so a
+1 GB embedding never sits in memory whole. Two streams exist: the checkpoint as stored
+(`source_stream`, for GGUF arch minicpm) and the Llama-format one with the muP scalars folded in
+(`llama_stream`, for to-llama, GGUF arch llama and INT4) -- one folding for all of them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+
+from .checkpoint import Checkpoint
+from .spec import ModelSpec
+
+# Rows per read are chosen so a chunk holds about this many float32 values (64 MB).
+CHUNK_VALUES = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TensorJob:
+    name: str
+    shape: tuple[int, ...]
+    source_dtype: torch.dtype
+    read: Callable[[int, int], torch.Tensor]  # rows [start, stop) in float32
+
+    @property
+    def rows(self) -> int:
+        return self.shape[0]
+
+    @property
+    def row_values(self) -> int:
+        n = 1
+        for d in self.shape[1:]:
+            n *= d
+        return n
+
+    def chunks(self, values: int = CHUNK_VALUES) -> Iterator[tuple[int, int]]:
+        step = max(1, values // max(1, self.row_values))
+        for start in range(0, self.rows, step):
+            yield start, min(self.rows, start + step)
+
+    def read_all(self) -> torch.Tensor:
+        return self.read(0, self.rows)
+
+
+def _reader(ckpt: Checkpoint, name: str, factor: float | None = None, divisor: float | None = None):
+    def read(start: int, stop: int) -> torch.Tensor:
+        t = ckpt.read(name, start, stop)
+        # Fold in float32; the sink casts once at the end.
+        if factor is not None:
+            t = t * factor
+        if divisor is not None:
+            t = t / divisor
+        return t
+    return read
+
+
+def source_stream(ckpt: Checkpoint) -> list[TensorJob]:
+    """The checkpoint's tensors as stored (muP scalars left for the runtime)."""
+    return [TensorJob(n, ckpt.shape(n), ckpt.dtype(n), _reader(ckpt, n)) for n in ckpt.names()]
+
+
+def fold_factor(spec: ModelSpec, name: str) -> tuple[float | None, float | None]:
+    """(multiplier, divisor) that folds the muP scalars into one tensor (facts §3)."""
+    if not spec.is_mup:
+        return None, None
+    if name == "model.embed_tokens.weight":
+        return spec.scale_emb, None
+    if name.endswith(("self_attn.o_proj.weight", "mlp.down_proj.weight")):
+        return spec.residual_scale, None
+    if name == "lm_head.weight":
+        return None, spec.logit_scale
+    return None, None
+
+
+def llama_stream(ckpt: Checkpoint) -> list[TensorJob]:
+    """Llama-format tensors: muP folded, head untied (a tied head is the *unscaled* embedding)."""
+    spec = ckpt.spec
+    jobs = []
+    for name in ckpt.names():
+        factor, divisor = fold_factor(spec, name)
+        jobs.append(TensorJob(name, ckpt.shape(name), ckpt.dtype(name), _reader(ckpt, name, factor, divisor)))
+    if "lm_head.weight" not in ckpt.names():
+        emb = "model.embed_tokens.weight"
+        _, divisor = fold_factor(spec, "lm_head.weight")
+        jobs.append(TensorJob("lm_head.weight", ckpt.shape(emb), ckpt.dtype(emb),
+                              _reader(ckpt, emb, None, divisor)))
+    return jobs
+
+
+def llama_config(spec: ModelSpec, dtype: torch.dtype) -> dict:
+    """config.json of the Llama-format export: no muP keys, no auto_map, untied."""
+    cfg = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": spec.hidden_size,
+        "intermediate_size": spec.intermediate_size,
+        "num_hidden_layers": spec.num_hidden_layers,
+        "num_attention_heads": spec.num_attention_heads,
+        "num_key_value_heads": spec.num_key_value_heads,
+        "head_dim": spec.head_dim,
+        "vocab_size": spec.vocab_size,
+        "max_position_embeddings": spec.max_position_embeddings,
+        "rms_norm_eps": spec.rms_norm_eps,
+        "rope_theta": spec.rope_theta,
+        "rope_scaling": spec.rope_scaling,
+        "hidden_act": spec.hidden_act,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "tie_word_embeddings": False,
+        "bos_token_id": spec.bos_token_id,
+        "eos_token_id": spec.eos_token_id,
+        "torch_dtype": str(dtype).removeprefix("torch."),
+        "use_cache": True,
+    }
+    return cfg
