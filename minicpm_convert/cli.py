@@ -25,8 +25,9 @@ app = typer.Typer(
     help="Convert MiniCPM checkpoints (Hugging Face layout) to Llama format, GGUF and INT4, "
          "and verify every export numerically against a reference forward pass.",
 )
-out_console = Console()
-err_console = Console(stderr=True)
+# Not a terminal (CI logs, pipes): wide enough that tables keep their columns.
+out_console = Console(width=None if Console().is_terminal else 160)
+err_console = Console(stderr=True, width=None if Console(stderr=True).is_terminal else 160)
 
 
 def run_safely(fn):
@@ -148,6 +149,56 @@ def to_gguf(
     err_console.print(f"wrote {out} (GGUF arch {arch.value}, {ft.name})", highlight=False)
 
 
+class Int4Format(str, Enum):
+    gptq = "gptq"
+    compressed_tensors = "compressed-tensors"
+
+
+@app.command("to-int4")
+@run_safely
+def to_int4(
+    src: str = typer.Argument(..., help=SRC_HELP),
+    out: Path = typer.Argument(..., help="Output folder (LlamaForCausalLM with 4-bit Linear layers)."),
+    fmt: Int4Format = typer.Option(Int4Format.gptq, "--format", help="gptq: GPTQ v1 (transformers+gptqmodel, vLLM, "
+                                   "SGLang); compressed-tensors: pack-quantized (transformers, vLLM)."),
+    group_size: int = typer.Option(128, "--group-size", help="Weights per scale along the input: 32, 64 or 128."),
+    sym: bool = typer.Option(True, "--sym/--asym", help="Symmetric (zero 8) or asymmetric (a zero per group)."),
+    search: bool = typer.Option(True, "--search/--no-search", help="Search each group's scale (and zero) for the "
+                                "least weighted error; --no-search rounds to nearest."),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
+):
+    """Write a 4-bit group-quantized Llama-format checkpoint (no calibration data needed).
+
+    The seven projections of every block are quantized; embeddings, norms and lm_head stay
+    float16. Prints the relative weight error per layer type and writes quantization_report.json.
+    """
+    from .checkpoint import Checkpoint
+    from .int4_format import GROUP_SIZES, Int4Scheme
+    from .output import atomic_output, check_output
+    from .sinks.int4 import REPORT_FILE, write_int4
+    from .stream import llama_stream
+
+    if group_size not in GROUP_SIZES:
+        raise ConvertError(f"--group-size: {group_size} is not one of {', '.join(map(str, GROUP_SIZES))}")
+    check_output(out, force)
+    ckpt = Checkpoint.open(src)
+    refuse_unsupported(ckpt, "to-int4")
+    scheme = Int4Scheme(fmt.value, group_size, sym)
+    with atomic_output(out, force=force, folder=True) as tmp:
+        report = write_int4(ckpt, llama_stream(ckpt), tmp, scheme, search=search, quiet=quiet)
+    table = Table(title=f"relative weight error ||W-Ŵ||/||W|| (mean over layers; {REPORT_FILE})")
+    for col in ("layer", "round-to-nearest", "search", "change"):
+        table.add_column(col, justify="left" if col == "layer" else "right")
+    for kind, err in report.by_layer_type().items():
+        found = err["search"]
+        table.add_row(kind, f"{err['rtn']:.4f}", "-" if found is None else f"{found:.4f}",
+                      "-" if found is None else f"{(found - err['rtn']) / err['rtn']:+.1%}")
+    out_console.print(table)
+    err_console.print(f"wrote {out} (INT4 {fmt.value}, group {group_size}, {'sym' if sym else 'asym'})",
+                      highlight=False)
+
+
 def refuse_unsupported(ckpt, command: str) -> None:
     variant = ckpt.spec.variant
     reasons = {
@@ -195,7 +246,7 @@ def verify_cmd(
     for col in ("export", "kind", "max abs err", "rel err", "min cosine", "top-1", "KL (nats)", "result"):
         table.add_column(col, justify="left" if col in ("export", "kind") else "right")
     for r in reports:
-        table.add_row(r.export, r.kind, f"{r.max_abs_err:.3g}", f"{r.rel_err:.3g}", f"{r.cosine:.6f}",
+        table.add_row(Path(r.export).name, r.kind, f"{r.max_abs_err:.3g}", f"{r.rel_err:.3g}", f"{r.cosine:.6f}",
                       f"{r.top1:.1%}", f"{r.kl:.3g}", "[green]pass[/]" if r.passed else "[red]FAIL[/]")
     out_console.print(table)
     if json_out is not None:

@@ -28,9 +28,11 @@ def open_export(path: Path):
             source = GgufSource(path)
             return source, f"gguf-{source.file_type_name}"
         raise ConvertError(f"{path}: not a GGUF file or an export folder")
+    from .int4_source import Int4Source, is_int4_folder
+    if is_int4_folder(path):  # before Checkpoint(): packed tensors are not a dense tensor set
+        source = Int4Source(path)
+        return source, source.kind
     ckpt = Checkpoint(path)
-    if "quantization_config" in ckpt.config:
-        raise ConvertError(f"{path}: INT4 exports are not supported by this version of verify")
     if ckpt.spec.model_type != "llama":
         raise ConvertError(f"{path}: expected a Llama-format export (model_type 'llama'), "
                            f"found model_type '{ckpt.spec.model_type}'")

@@ -69,7 +69,7 @@ class GgufSource:
             hidden_size=int(get("embedding_length")), num_hidden_layers=int(get("block_count")),
             num_attention_heads=heads, num_key_value_heads=int(get("attention.head_count_kv", heads)),
             intermediate_size=int(get("feed_forward_length")), vocab_size=vocab,
-            rms_norm_eps=float(get("attention.layer_norm_rms_eps")), rope_theta=float(get("rope.freq_base", 10000.0)),
+            rms_norm_eps=float(get("attention.layer_norm_rms_epsilon")), rope_theta=float(get("rope.freq_base", 10000.0)),
             max_position_embeddings=int(get("context_length")),
             tie_word_embeddings="lm_head.weight" not in self._by_hf,
         )
@@ -127,7 +127,7 @@ class GgufSource:
     @staticmethod
     def _dequant(raw: np.ndarray, qtype: T) -> np.ndarray:
         if qtype in (T.F32, T.F16):
-            return np.asarray(raw, dtype=np.float32)
+            return np.array(raw, dtype=np.float32)
         return dequantize(np.ascontiguousarray(raw).view(np.uint8), qtype).astype(np.float32, copy=False)
 
 

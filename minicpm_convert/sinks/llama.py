@@ -66,6 +66,11 @@ def write_llama(ckpt: Checkpoint, jobs: list[TensorJob], out: Path, dtype: torch
     write_safetensors_shards(out, jobs, dtype, shard_bytes, quiet=quiet)
     cfg = llama_config(ckpt.spec, dtype)
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    write_side_files(ckpt, out)
+
+
+def write_side_files(ckpt: Checkpoint, out: Path) -> None:
+    """Tokenizer files and generation_config.json (one made from the spec if SRC has none)."""
     copy_side_files(ckpt, out)
     if not (out / "generation_config.json").exists():
         gen = {"bos_token_id": ckpt.spec.bos_token_id, "eos_token_id": ckpt.spec.eos_token_id}

@@ -1,0 +1,145 @@
+"""What an INT4 export holds on disk: the tensors of each quantized Linear and the config keys.
+
+Shared by the writer (`sinks/int4.py`) and the reader (`int4_source.py`) so the two cannot
+disagree. Two formats (facts §7):
+- `gptq`: GPTQ v1 as GPTQModel/AutoGPTQ write it, read by transformers (+optimum +gptqmodel),
+  vLLM and SGLang. Per layer P: P.qweight, P.qzeros, P.scales, P.g_idx.
+- `compressed-tensors`: `pack-quantized` as llm-compressor writes it, read by transformers (with
+  only the compressed-tensors package) and vLLM. Per layer P: P.weight_packed, P.weight_scale,
+  P.weight_shape and, asymmetric only, P.weight_zero_point.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import __version__
+from .errors import ConvertError
+from .names import PROJECTIONS
+
+FORMATS = ("gptq", "compressed-tensors")
+GROUP_SIZES = (32, 64, 128)
+PACK = 8  # 4-bit codes per int32
+
+
+@dataclass(frozen=True)
+class Int4Scheme:
+    format: str
+    group_size: int
+    sym: bool
+
+    @property
+    def kind(self) -> str:
+        """The verify kind: int4-gptq or int4-compressed-tensors."""
+        return f"int4-{self.format}"
+
+
+def is_projection(name: str) -> bool:
+    """One of the seven Linear weights of a block (the tensors INT4 quantizes)."""
+    return name.startswith("model.layers.") and name.endswith(tuple(f".{p}.weight" for p in PROJECTIONS))
+
+
+def layer_type(name: str) -> str:
+    """'q_proj', 'gate_proj', ... of a projection weight name."""
+    return name.rsplit(".", 2)[-2]
+
+
+def packed_tensors(scheme: Int4Scheme, out: int, inp: int) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+    """(suffix replacing 'weight', dtype, shape) of one quantized Linear, in file order."""
+    groups = inp // scheme.group_size
+    if scheme.format == "gptq":
+        return [("qweight", torch.int32, (inp // PACK, out)),
+                ("qzeros", torch.int32, (groups, out // PACK)),
+                ("scales", torch.float16, (groups, out)),
+                ("g_idx", torch.int32, (inp,))]
+    tensors = [("weight_packed", torch.int32, (out, inp // PACK)),
+               ("weight_scale", torch.float16, (out, groups)),
+               ("weight_shape", torch.int64, (2,))]
+    if not scheme.sym:
+        tensors.append(("weight_zero_point", torch.int32, (out // PACK, groups)))
+    return tensors
+
+
+def check_shape(name: str, shape: tuple[int, ...], group_size: int, where: str) -> None:
+    """A Linear that the chosen group size cannot cut into whole groups is refused, by name."""
+    out, inp = shape
+    if inp % group_size:
+        fits = [g for g in GROUP_SIZES if inp % g == 0]
+        hint = f"use --group-size {' or '.join(map(str, fits))}" if fits else "no supported group size divides it"
+        raise ConvertError(f"{where}: tensor '{name}' has input size {inp}, not a multiple of "
+                           f"--group-size {group_size} ({hint})")
+    if out % PACK:
+        raise ConvertError(f"{where}: tensor '{name}' has output size {out}, not a multiple of {PACK} "
+                           "(INT4 packs 8 output columns per zero-point word)")
+
+
+def quantization_config(scheme: Int4Scheme, search: bool) -> dict:
+    """config.json's `quantization_config` (and GPTQ's quantize_config.json)."""
+    method = "minmax-search" if search else "round-to-nearest"
+    if scheme.format == "gptq":
+        return {
+            "quant_method": "gptq",
+            "bits": 4,
+            "group_size": scheme.group_size,
+            "desc_act": False,
+            "sym": scheme.sym,
+            "lm_head": False,
+            "true_sequential": True,
+            "static_groups": False,
+            "checkpoint_format": "gptq",
+            "pack_dtype": "int32",
+            "meta": {"quantizer": [f"minicpm-convert:{__version__}"], "method": method},
+        }
+    weights = {"num_bits": 4, "type": "int", "symmetric": scheme.sym, "strategy": "group",
+               "group_size": scheme.group_size, "dynamic": False, "actorder": None, "observer": "minmax"}
+    if not scheme.sym:
+        weights["zp_dtype"] = "torch.int8"  # compressed-tensors' signed int4 zero point
+    return {
+        "quant_method": "compressed-tensors",
+        "format": "pack-quantized",
+        "quantization_status": "compressed",
+        "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights,
+                                      "input_activations": None, "output_activations": None,
+                                      "format": "pack-quantized"}},
+        "ignore": ["lm_head"],
+        "kv_cache_scheme": None,
+        "global_compression_ratio": None,
+    }
+
+
+def read_scheme(qc, where: str) -> Int4Scheme:
+    """The scheme of an export's `quantization_config`; anything this reader cannot decode is refused."""
+    if not isinstance(qc, dict):
+        raise ConvertError(f"{where}: 'quantization_config' is not an object")
+    method = qc.get("quant_method")
+    if method == "gptq":
+        if qc.get("bits") != 4:
+            raise ConvertError(f"{where}: GPTQ with bits={qc.get('bits')!r} (only 4-bit is supported)")
+        fmt = qc.get("checkpoint_format", qc.get("format", "gptq"))
+        if fmt != "gptq":
+            raise ConvertError(f"{where}: GPTQ checkpoint_format {fmt!r} (only 'gptq', v1, is supported)")
+        if qc.get("desc_act"):
+            raise ConvertError(f"{where}: GPTQ with desc_act=true is not supported")
+        return Int4Scheme("gptq", _group_size(qc.get("group_size"), where), bool(qc.get("sym", True)))
+    if method == "compressed-tensors":
+        if qc.get("format") != "pack-quantized":
+            raise ConvertError(f"{where}: compressed-tensors format {qc.get('format')!r} "
+                               "(only 'pack-quantized' is supported)")
+        groups = qc.get("config_groups") or {}
+        if len(groups) != 1:
+            raise ConvertError(f"{where}: expected one compressed-tensors config group, found {len(groups)}")
+        weights = next(iter(groups.values())).get("weights") or {}
+        if weights.get("num_bits") != 4 or weights.get("type") != "int" or weights.get("strategy") != "group":
+            raise ConvertError(f"{where}: compressed-tensors weights {weights!r} are not 4-bit int groups")
+        return Int4Scheme("compressed-tensors", _group_size(weights.get("group_size"), where),
+                          bool(weights.get("symmetric", True)))
+    raise ConvertError(f"{where}: quant_method {method!r} is not an INT4 format this tool reads "
+                       f"({', '.join(FORMATS)})")
+
+
+def _group_size(value, where: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0 or value % PACK:
+        raise ConvertError(f"{where}: group_size {value!r} must be a positive multiple of {PACK}")
+    return value

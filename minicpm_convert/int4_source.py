@@ -1,0 +1,91 @@
+"""An INT4 export folder (GPTQ v1 or compressed-tensors pack-quantized) as a `WeightSource`.
+
+Packed projections are decoded to the float32 weights a loader computes (float16 scale times
+code minus zero); every other tensor is read as stored. Names and layout are Hugging Face's.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .checkpoint import Checkpoint
+from .errors import ConvertError
+from .int4_format import Int4Scheme, is_projection, packed_tensors, read_scheme
+from .names import expected_shapes
+from .quants import int4
+from .spec import load_config
+
+FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def is_int4_folder(path: Path) -> bool:
+    """A folder whose config.json declares a `quantization_config`."""
+    config = Path(path) / "config.json"
+    return config.is_file() and isinstance(cfg := load_config(config), dict) and "quantization_config" in cfg
+
+
+class Int4Source:
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.ckpt = Checkpoint(self.folder, validate=False)
+        self.spec = self.ckpt.spec
+        where = str(self.folder / "config.json")
+        if self.spec.model_type != "llama":
+            raise ConvertError(f"{where}: expected a Llama-format INT4 export, found model_type "
+                               f"'{self.spec.model_type}'")
+        self.scheme: Int4Scheme = read_scheme(self.ckpt.config.get("quantization_config"), where)
+        self.kind = self.scheme.kind
+        self._shapes = expected_shapes(self.spec)
+        self._check_tensors()
+        self._cache: tuple[str, torch.Tensor] | None = None  # the last decoded projection
+
+    def _check_tensors(self) -> None:
+        for name, shape in self._shapes.items():
+            if is_projection(name):
+                stored = [(name.removesuffix("weight") + s, d, sh) for s, d, sh in packed_tensors(self.scheme, *shape)]
+            else:
+                stored = [(name, None, shape)]
+            for tensor, dtype, tshape in stored:
+                if not self.ckpt.has(tensor):
+                    raise ConvertError(f"{self.folder}: missing tensor '{tensor}' ({self.kind})")
+                if tuple(self.ckpt.shape(tensor)) != tuple(tshape):
+                    raise ConvertError(f"{self.folder}: tensor '{tensor}' has shape {list(self.ckpt.shape(tensor))}, "
+                                       f"expected {list(tshape)}")
+                actual = self.ckpt.dtype(tensor)
+                # Packed words must be the integer type; scales may be any float type.
+                if dtype is not None and actual != dtype and not (dtype in FLOATS and actual in FLOATS):
+                    raise ConvertError(f"{self.folder}: tensor '{tensor}' is {actual}, expected {dtype}")
+
+    # -- WeightSource ----------------------------------------------------------------------------
+    def has(self, name: str) -> bool:
+        return name in self._shapes
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._shapes[name]
+
+    def read(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        if not is_projection(name):
+            return self.ckpt.read(name, start, stop)
+        if self._cache is None or self._cache[0] != name:
+            self._cache = (name, self.dequantized(name))
+        return self._cache[1][start:stop]
+
+    def dequantized(self, name: str) -> torch.Tensor:
+        """The float32 weight [out, in] of one projection, as a loader decodes it."""
+        p = name.removesuffix("weight")
+        get = lambda suffix: self.ckpt.get(p + suffix)  # noqa: E731
+        try:
+            if self.scheme.format == "gptq":
+                parts = int4.unpack_gptq(get("qweight"), get("qzeros"), get("scales"), get("g_idx"))
+            else:
+                zp = get("weight_zero_point") if not self.scheme.sym else None
+                parts = int4.unpack_compressed(get("weight_packed"), get("weight_scale"), get("weight_shape"), zp)
+        except ValueError as exc:
+            raise ConvertError(f"{self.folder}: tensor '{name}': {exc}") from None
+        codes, scales, zeros, group_size = parts
+        if group_size != self.scheme.group_size:
+            raise ConvertError(f"{self.folder}: tensor '{name}' has group size {group_size}, "
+                               f"config.json says {self.scheme.group_size}")
+        return int4.dequantize(codes, scales, zeros, group_size)

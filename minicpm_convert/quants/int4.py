@@ -1,0 +1,232 @@
+"""4-bit group quantization of Linear weights, and the two on-disk packings of it.
+
+Pure functions over torch tensors, vectorised across groups. A weight `w` [out, in] is cut
+along its input dimension into groups of `group_size` values; each group gets one scale `s`
+and one integer zero `z`, and each value a code `q` in 0..15, so that `w ~ s * (q - z)`.
+
+- Symmetric: z = 8, s = 2*absmax/15 (GPTQ's sym convention; codes -8..7 around zero).
+- Asymmetric: the range [min(x,0), max(x,0)], s = (max-min)/15, z = round(-min/s), clamped to
+  [1, 15]: GPTQ v1 stores z-1 in a nibble, so z = 0 would underflow into the neighbour.
+- An all-zero group gets s = 2/15 (GPTQ's xmin=-1, xmax=1), so no scale is ever 0.
+- Scales are stored as float16 and every loader dequantizes with that float16 value, so codes
+  are chosen against the float16-rounded scale, and `dequantize` is what a loader computes.
+
+`search=True` tries a grid of scales per group (and a least-squares refit of scale and zero for
+the codes each one gives, in the spirit of llama.cpp's make_qkx2_quants) and keeps the one
+with the least weighted squared error; plain rounding is always one of the candidates.
+"""
+
+from __future__ import annotations
+
+import torch
+
+BITS = 4
+QMAX = 15
+SYM_ZERO = 8
+PACK = 32 // BITS  # codes per int32 word
+FP16_TINY = 2.0 ** -24  # smallest positive float16: stands in for a scale that underflows
+
+# Candidate divisors of the group's range: plain rounding uses 7.5 (sym: absmax/7.5) and 15
+# (asym: (max-min)/15); the search also tries tighter ranges (clipping outliers) and looser.
+SYM_DIVISORS = [7.5 + 0.125 * k for k in range(-16, 9)]  # 5.5 .. 8.5
+ASYM_DIVISORS = [15.0 + 0.25 * k for k in range(-12, 9)]  # 12 .. 17
+
+
+def fp16_scale(s: torch.Tensor) -> torch.Tensor:
+    """The float16 value a loader will see, as float32; never 0 (a 0 scale cannot divide)."""
+    s16 = s.to(torch.float16).to(torch.float32)
+    return torch.where(s16 > 0, s16, torch.full_like(s16, FP16_TINY))
+
+
+def _codes(x: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    return torch.clamp(torch.round(x / s) + z, 0, QMAX)
+
+
+def _weighted_error(x, weights, s, z) -> tuple[torch.Tensor, torch.Tensor]:
+    q = _codes(x, s, z)
+    return ((x - (q - z) * s).square() * weights).sum(1, keepdim=True), q
+
+
+def _importance(x: torch.Tensor) -> torch.Tensor:
+    """Per-value weights of the search's error: |x| plus the group's rms (llama.cpp's Q4_K choice),
+    so large values count more, but no value counts for nothing."""
+    return x.abs() + x.square().mean(1, keepdim=True).sqrt()
+
+
+def _range(x: torch.Tensor, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(xmin, xmax) of each group with 0 inside; an all-zero group becomes [-1, 1]."""
+    xmin = torch.clamp(x.amin(1, keepdim=True), max=0)
+    xmax = torch.clamp(x.amax(1, keepdim=True), min=0)
+    if sym:
+        xmax = torch.maximum(-xmin, xmax)
+        xmin = -xmax
+    empty = (xmin == 0) & (xmax == 0)
+    return torch.where(empty, -1.0, xmin), torch.where(empty, 1.0, xmax)
+
+
+def _asym_zero(xmin: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    return torch.clamp(torch.round(-xmin / s), 1, QMAX)
+
+
+def _keep_better(best, err, s, z) -> None:
+    better = err < best["err"]
+    best["err"] = torch.where(better, err, best["err"])
+    best["s"] = torch.where(better, s, best["s"])
+    best["z"] = torch.where(better, z, best["z"])
+
+
+def _least_squares_scale(x, weights, q, z):
+    """The scale minimising sum w*(x - s*(q-z))^2 for fixed codes and zero (None where undefined)."""
+    l = q - z
+    den = (weights * l * l).sum(1, keepdim=True)
+    return torch.where(den > 0, (weights * x * l).sum(1, keepdim=True) / den.clamp_min(1e-30), 0.0)
+
+
+def _search_sym(x, weights, best) -> None:
+    absmax = torch.maximum(-x.amin(1, keepdim=True), x.amax(1, keepdim=True))
+    z = torch.full_like(absmax, SYM_ZERO)
+    for t in SYM_DIVISORS:
+        s = fp16_scale(absmax / t)
+        err, q = _weighted_error(x, weights, s, z)
+        _keep_better(best, err, s, z)
+        s2 = fp16_scale(_least_squares_scale(x, weights, q, z))
+        _keep_better(best, _weighted_error(x, weights, s2, z)[0], s2, z)
+
+
+def _search_asym(x, weights, xmin, xmax, best) -> None:
+    span = xmax - xmin
+    w_sum = weights.sum(1, keepdim=True)
+    for t in ASYM_DIVISORS:
+        s = fp16_scale(span / t)
+        z = _asym_zero(xmin, s)
+        err, q = _weighted_error(x, weights, s, z)
+        _keep_better(best, err, s, z)
+        # Weighted least squares of x ~ a*q + b for these codes, then back to an integer zero.
+        wq, wx = (weights * q).sum(1, keepdim=True), (weights * x).sum(1, keepdim=True)
+        wqq, wqx = (weights * q * q).sum(1, keepdim=True), (weights * q * x).sum(1, keepdim=True)
+        det = w_sum * wqq - wq * wq
+        ok = det > 0
+        a = torch.where(ok, (w_sum * wqx - wq * wx) / torch.where(ok, det, 1.0), 0.0)
+        b = torch.where(ok, (wqq * wx - wq * wqx) / torch.where(ok, det, 1.0), 0.0)
+        a = fp16_scale(a)
+        z2 = torch.where(ok, torch.clamp(torch.round(-b / a), 1, QMAX), z)
+        s2 = fp16_scale(_least_squares_scale(x, weights, _codes(x, a, z2), z2))
+        _keep_better(best, _weighted_error(x, weights, s2, z2)[0], s2, z2)
+
+
+def quantize_groups(w: torch.Tensor, group_size: int, sym: bool = True, search: bool = True
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(codes uint8 [out,in] 0..15, scales f32 [out,in/g] (float16 values), zeros uint8 [out,in/g])."""
+    out, inp = w.shape
+    if inp % group_size:
+        raise ValueError(f"input size {inp} is not a multiple of group size {group_size}")
+    x = w.detach().to(torch.float32).reshape(-1, group_size)
+    if not torch.isfinite(x).all():
+        raise ValueError("weight contains NaN or Inf")
+    xmin, xmax = _range(x, sym)
+    s = fp16_scale((xmax - xmin) / QMAX)
+    if not torch.isfinite(s).all():
+        raise ValueError("a group's scale is too large for float16")
+    z = torch.full_like(s, SYM_ZERO) if sym else _asym_zero(xmin, s)
+    if search:
+        weights = _importance(x)
+        best = {"err": _weighted_error(x, weights, s, z)[0], "s": s, "z": z}
+        if sym:
+            _search_sym(x, weights, best)
+        else:
+            _search_asym(x, weights, xmin, xmax, best)
+        s, z = best["s"], best["z"]
+    codes = _codes(x, s, z)
+    groups = inp // group_size
+    return (codes.to(torch.uint8).reshape(out, inp), s.reshape(out, groups),
+            z.to(torch.uint8).reshape(out, groups))
+
+
+def dequantize(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> torch.Tensor:
+    """float32 [out, in]: scale * (code - zero), group by group along the input dimension."""
+    out, inp = codes.shape
+    q = codes.to(torch.float32).reshape(out, inp // group_size, group_size)
+    z = zeros.to(torch.float32).unsqueeze(-1)
+    s = scales.to(torch.float32).unsqueeze(-1)
+    return ((q - z) * s).reshape(out, inp)
+
+
+def relative_error(w: torch.Tensor, w_hat: torch.Tensor) -> float:
+    """||W - W_hat|| / ||W|| (Frobenius), 0 for an all-zero W reproduced exactly."""
+    num = (w.double() - w_hat.double()).norm().item()
+    den = w.double().norm().item()
+    return num / den if den > 0 else (0.0 if num == 0 else float("inf"))
+
+
+# -- packing ---------------------------------------------------------------------------------
+def pack_nibbles(values: torch.Tensor) -> torch.Tensor:
+    """Pack the last dimension, 8 values 0..15 per int32 word, value i in bits 4i..4i+3."""
+    *lead, n = values.shape
+    if n % PACK:
+        raise ValueError(f"cannot pack {n} values into whole int32 words (need a multiple of {PACK})")
+    v = values.to(torch.int64).reshape(*lead, n // PACK, PACK)
+    shifts = torch.arange(0, 32, BITS, dtype=torch.int64)
+    words = (v << shifts).sum(-1)
+    # The top nibble makes words >= 2^31: keep the bit pattern, reinterpret as signed int32.
+    return torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32)
+
+
+def unpack_nibbles(words: torch.Tensor) -> torch.Tensor:
+    """Inverse of pack_nibbles: uint8 values, the last dimension 8 times longer."""
+    shifts = torch.arange(0, 32, BITS, dtype=torch.int32)
+    v = (words.to(torch.int32).unsqueeze(-1) >> shifts) & 0xF
+    return v.reshape(*words.shape[:-1], words.shape[-1] * PACK).to(torch.uint8)
+
+
+def pack_gptq(codes, scales, zeros, group_size) -> dict[str, torch.Tensor]:
+    """GPTQ v1 (facts §7): qweight [in/8,out], qzeros [in/g,out/8] holding zero-1, scales, g_idx."""
+    out, inp = codes.shape
+    return {
+        # word [j, o] holds codes[o, 8j .. 8j+7]: pack 8 consecutive input rows of W^T
+        "qweight": pack_nibbles(codes.T.reshape(inp // PACK, PACK, out).transpose(1, 2)).reshape(inp // PACK, out),
+        "qzeros": pack_nibbles(zeros.to(torch.int64).T - 1),
+        "scales": scales.T.to(torch.float16).contiguous(),
+        "g_idx": (torch.arange(inp, dtype=torch.int32) // group_size),
+    }
+
+
+def unpack_gptq(qweight, qzeros, scales, g_idx) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """(codes [out,in], scales f32 [out,in/g], zeros [out,in/g], group size) of a GPTQ v1 layer."""
+    in8, out = qweight.shape
+    codes = unpack_nibbles(qweight.T.contiguous())  # [out, in]
+    zeros = (unpack_nibbles(qzeros).to(torch.int32) + 1).T.to(torch.uint8)
+    groups = scales.shape[0]
+    group_size = in8 * PACK // groups
+    trivial = torch.arange(in8 * PACK, dtype=torch.int32) // group_size
+    if not torch.equal(g_idx.to(torch.int32), trivial):
+        raise ValueError("g_idx is not arange(in)//group_size (act-order checkpoints are not supported)")
+    return codes, scales.T.to(torch.float32).contiguous(), zeros.contiguous(), group_size
+
+
+def pack_compressed(codes, scales, zeros, group_size, sym: bool) -> dict[str, torch.Tensor]:
+    """compressed-tensors pack-quantized: weight_packed [out,in/8], weight_scale [out,in/g] fp16,
+    weight_shape int64 [2]; asym adds weight_zero_point int32 [out/8, in/g] packed along the
+    output dimension (compressed-tensors stores zero-8 as a signed int4 and adds 8 back when
+    packing, so each nibble holds the unsigned zero)."""
+    out, inp = codes.shape
+    packed = {
+        "weight_packed": pack_nibbles(codes),
+        "weight_scale": scales.to(torch.float16).contiguous(),
+        "weight_shape": torch.tensor([out, inp], dtype=torch.int64),
+    }
+    if not sym:
+        packed["weight_zero_point"] = pack_nibbles(zeros.T).T.contiguous()
+    return packed
+
+
+def unpack_compressed(weight_packed, weight_scale, weight_shape, weight_zero_point=None
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """(codes, scales f32, zeros, group size) of a compressed-tensors pack-quantized layer."""
+    out, inp = (int(d) for d in weight_shape.tolist())
+    codes = unpack_nibbles(weight_packed)[:, :inp].contiguous()
+    groups = weight_scale.shape[1]
+    if weight_zero_point is None:
+        zeros = torch.full((out, groups), SYM_ZERO, dtype=torch.uint8)
+    else:
+        zeros = unpack_nibbles(weight_zero_point.T.contiguous()).T[:out].contiguous()
+    return codes, weight_scale.to(torch.float32), zeros, inp // groups

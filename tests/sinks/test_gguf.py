@@ -1,0 +1,155 @@
+"""to-gguf, proven by llama.cpp: it loads every file, its logits match the MiniCPM reference,
+its own quantizer produces the same bytes, and it tokenizes as SentencePiece does."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from gguf import GGUFReader
+
+from minicpm_convert import reference
+from minicpm_convert.checkpoint import Checkpoint
+from minicpm_convert.quant_plan import FILE_TYPES
+from minicpm_convert.tokenizer import load_sentencepiece
+from minicpm_convert.verify import compare, prompt_tokens
+from tests import llama_cpp_client as client
+from tests.conftest import run_cli
+
+QUANTIZED = ["q8_0", "q4_0", "q4_K_M", "q5_K_M", "q6_K"]
+# bf16 is judged like the quantized types: ggml's CPU bf16 dot product rounds the activations to
+# bf16 too (vec_dot_type BF16), so llama.cpp's logits carry ~8-bit activation error whatever the file.
+FLOATS = ["f32", "f16"]
+REQUANTIZED = ["bf16", *QUANTIZED]
+FIXTURES = ["tiny", "gqa", "untied", "odd"]
+
+
+@pytest.fixture(scope="module")
+def gguf_file(tmp_path_factory, fixture_path):
+    out = tmp_path_factory.mktemp("gguf")
+    cache = {}
+
+    def make(name: str, quant: str, arch: str = "minicpm"):
+        key = (name, quant, arch)
+        if key not in cache:
+            dest = out / f"{name}-{quant}-{arch}.gguf"
+            code, _, err = run_cli("to-gguf", fixture_path(name), dest, "--quant", quant, "--arch", arch, "-q")
+            assert code == 0, err
+            cache[key] = dest
+        return cache[key]
+    return make
+
+
+def tensors(path):
+    return [(t.name, t.tensor_type, tuple(t.shape.tolist()), np.asarray(t.data).view(np.uint8).tobytes())
+            for t in GGUFReader(path).tensors]
+
+
+@pytest.mark.parametrize("arch", ["minicpm", "llama"])
+@pytest.mark.parametrize("quant", REQUANTIZED)
+@pytest.mark.parametrize("name", FIXTURES)
+def test_bytes_identical_to_llama_quantize(name, quant, arch, gguf_file, tmp_path):
+    """Every tensor's type, shape and bytes equal llama-quantize's from an f32 GGUF of the same weights."""
+    theirs = tmp_path / "llama-quantize.gguf"
+    client.quantize(gguf_file(name, "f32", arch), theirs, int(FILE_TYPES[quant].ftype))
+    ours, want = tensors(gguf_file(name, quant, arch)), tensors(theirs)
+    assert [t[0] for t in ours] == [t[0] for t in want], "tensor order differs"
+    for (n, qt, shape, data), (_, wqt, wshape, wdata) in zip(ours, want):
+        assert (qt, shape) == (wqt, wshape), n
+        assert data == wdata, f"{n} ({qt.name}): bytes differ"
+
+
+def _llama_cpp_vs_reference(path, src, tokens):
+    return compare(reference.forward(src, tokens), client.logits(path, tokens))
+
+
+@pytest.mark.parametrize("arch", ["minicpm", "llama"])
+@pytest.mark.parametrize("quant", FLOATS)
+@pytest.mark.parametrize("name", FIXTURES)
+def test_llama_cpp_float_logits_match_reference(name, quant, arch, gguf_file, fixture_path):
+    src = Checkpoint(fixture_path(name))
+    tokens = prompt_tokens(src, None, None)
+    m = _llama_cpp_vs_reference(gguf_file(name, quant, arch), src, tokens)
+    assert m["rel_err"] < 2e-3, m
+    assert m["top1"] == 1.0, m
+
+
+@pytest.mark.parametrize("quant", REQUANTIZED)
+@pytest.mark.parametrize("name", FIXTURES)
+def test_llama_cpp_quantized_logits_match_llama_cpps_own_conversion(name, quant, gguf_file, fixture_path, tmp_path):
+    """The bound for a quantized file is what llama.cpp itself gets on its own quantization of the
+    same weights (llama-quantize of the f32 file); ours must do as well, and agree on top-1."""
+    src = Checkpoint(fixture_path(name))
+    tokens = prompt_tokens(src, None, None)
+    theirs = tmp_path / "theirs.gguf"
+    client.quantize(gguf_file(name, "f32"), theirs, int(FILE_TYPES[quant].ftype))
+    ref = reference.forward(src, tokens)
+    ours_logits = client.logits(gguf_file(name, quant), tokens)
+    ours, bound = compare(ref, ours_logits), compare(ref, client.logits(theirs, tokens))
+    assert ours["rel_err"] <= bound["rel_err"] * 1.0001 + 1e-6, (ours, bound)
+    assert ours["kl"] <= bound["kl"] * 1.0001 + 1e-9, (ours, bound)
+    assert ours["top1"] >= bound["top1"], (ours, bound)
+
+
+PLAIN_TEXTS = [
+    "Hello world! The quick brown fox jumps over the lazy dog.",
+    "大海是蓝色的。我们明天去北京，好吗？",
+    "spaces:  two,   three,\tand a tab\nnew line",
+    "emoji 🙂🚀 and mixed 中文 English 123456789",
+    "control bytes \x01\x02\x7f end",
+    "   leading spaces",
+]
+CHAT_TEXTS = [
+    "<用户>你好，请介绍一下你自己。<AI>我是一个语言模型。",
+    "Question: <用户>hi there<AI>ok",
+]
+
+
+@pytest.mark.parametrize("text", PLAIN_TEXTS)
+def test_llama_cpp_tokenizes_like_sentencepiece(text, gguf_file, fixture_path):
+    sp = load_sentencepiece(fixture_path("tiny") / "tokenizer.model")
+    assert client.tokenize(gguf_file("tiny", "q8_0"), text) == [1] + sp.encode(text)
+
+
+@pytest.mark.parametrize("text", CHAT_TEXTS)
+def test_llama_cpp_keeps_chat_tags_whole(text, gguf_file, fixture_path):
+    """The chat tags are user-defined pieces: llama.cpp matches each as one token (llama.cpp's own
+    converter types them normal and splits them into characters). Between tags, llama.cpp's SPM
+    tokenizer encodes each text fragment as SentencePiece encodes it alone (with its dummy-prefix
+    space after a tag): a rule of llama.cpp's tokenizer that no GGUF metadata changes."""
+    sp = load_sentencepiece(fixture_path("tiny") / "tokenizer.model")
+    tags = {"<用户>": sp.piece_to_id("<用户>"), "<AI>": sp.piece_to_id("<AI>")}
+    want, rest = [1], text
+    while rest:
+        cut = min((rest.find(t), t) for t in tags if t in rest) if any(t in rest for t in tags) else (len(rest), None)
+        if cut[0]:
+            want += sp.encode(rest[:cut[0]])
+        if cut[1] is None:
+            break
+        want.append(tags[cut[1]])
+        rest = rest[cut[0] + len(cut[1]):]
+    got = client.tokenize(gguf_file("tiny", "q8_0"), text)
+    assert got == want
+    assert all(t in got for t in tags.values())
+
+
+def test_metadata(gguf_file, fixture_path):
+    r = GGUFReader(gguf_file("tiny", "q4_K_M"))
+    kv = {k: f.contents() for k, f in r.fields.items()}
+    spec = Checkpoint(fixture_path("tiny")).spec
+    assert kv["general.architecture"] == "minicpm"
+    assert kv["general.file_type"] == 15 and kv["general.quantization_version"] == 2
+    assert kv["minicpm.embedding_scale"] == pytest.approx(spec.scale_emb)
+    assert kv["minicpm.residual_scale"] == pytest.approx(spec.residual_scale)
+    assert kv["minicpm.logit_scale"] == pytest.approx(spec.logit_scale)
+    assert "output.weight" not in {t.name for t in r.tensors}  # tied
+    assert len(kv["tokenizer.ggml.tokens"]) == spec.vocab_size
+    assert "<用户>" in kv["tokenizer.chat_template"]
+    llama = {k: f.contents() for k, f in GGUFReader(gguf_file("tiny", "q4_K_M", "llama")).fields.items()}
+    assert llama["general.architecture"] == "llama" and "llama.logit_scale" not in llama
+
+
+def test_untied_vocab_is_padded(gguf_file, fixture_path):
+    r = GGUFReader(gguf_file("untied", "f16"))
+    tokens = r.fields["tokenizer.ggml.tokens"].contents()
+    spec = Checkpoint(fixture_path("untied")).spec
+    assert len(tokens) == spec.vocab_size and tokens[-1].startswith("[PAD")
