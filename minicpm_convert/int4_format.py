@@ -62,17 +62,21 @@ def packed_tensors(scheme: Int4Scheme, out: int, inp: int) -> list[tuple[str, to
     return tensors
 
 
-def check_shape(name: str, shape: tuple[int, ...], group_size: int, where: str) -> None:
-    """A Linear that the chosen group size cannot cut into whole groups is refused, by name."""
-    out, inp = shape
-    if inp % group_size:
-        fits = [g for g in GROUP_SIZES if inp % g == 0]
-        hint = f"use --group-size {' or '.join(map(str, fits))}" if fits else "no supported group size divides it"
-        raise ConvertError(f"{where}: tensor '{name}' has input size {inp}, not a multiple of "
-                           f"--group-size {group_size} ({hint})")
-    if out % PACK:
-        raise ConvertError(f"{where}: tensor '{name}' has output size {out}, not a multiple of {PACK} "
-                           "(INT4 packs 8 output columns per zero-point word)")
+def check_shapes(shapes: dict[str, tuple[int, ...]], group_size: int, where: str) -> None:
+    """Every projection must cut into whole groups; the first that cannot is refused by name,
+    with the group sizes that would fit the whole model (if any)."""
+    inputs = sorted({shape[1] for shape in shapes.values()})
+    fits = [g for g in GROUP_SIZES if all(i % g == 0 for i in inputs)]
+    hint = (f"use --group-size {' or '.join(map(str, fits))}" if fits else
+            f"no supported group size ({', '.join(map(str, GROUP_SIZES))}) divides every input size "
+            f"of this model: {', '.join(map(str, inputs))}")
+    for name, (out, inp) in shapes.items():
+        if inp % group_size:
+            raise ConvertError(f"{where}: tensor '{name}' has input size {inp}, not a multiple of "
+                               f"--group-size {group_size} ({hint})")
+        if out % PACK:
+            raise ConvertError(f"{where}: tensor '{name}' has output size {out}, not a multiple of {PACK} "
+                               "(INT4 packs 8 output columns per zero-point word)")
 
 
 def quantization_config(scheme: Int4Scheme, search: bool) -> dict:

@@ -108,7 +108,6 @@ def llama_config(spec: ModelSpec, dtype: torch.dtype) -> dict:
         "max_position_embeddings": spec.max_position_embeddings,
         "rms_norm_eps": spec.rms_norm_eps,
         "rope_theta": spec.rope_theta,
-        "rope_scaling": spec.rope_scaling,
         "hidden_act": spec.hidden_act,
         "attention_bias": False,
         "mlp_bias": False,
@@ -118,4 +117,6 @@ def llama_config(spec: ModelSpec, dtype: torch.dtype) -> dict:
         "torch_dtype": str(dtype).removeprefix("torch."),
         "use_cache": True,
     }
+    if spec.rope_scaling is not None:
+        cfg["rope_scaling"] = spec.rope_scaling
     return cfg

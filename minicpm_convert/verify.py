@@ -36,6 +36,12 @@ THRESHOLDS: dict[str, Threshold] = {
     "llama-float32": Threshold(rel_err=1e-4, top1=1.0, kl=1e-6),
     "llama-bfloat16": Threshold(rel_err=3e-2, top1=0.9, kl=2e-3),
     "llama-float16": Threshold(rel_err=5e-3, top1=0.95, kl=2e-4),
+    # INT4 (both packings decode to the same weights): worst of 48 fixture exports (tiny, gqa,
+    # untied, bin x group 32/64/128 x sym/asym x search/RTN, default prompt) was rel_err 0.278,
+    # top1 0.714, kl 0.169; bounds are ~1.45x that. Layout bugs (zero off by one, nibble order)
+    # measured rel_err >= 0.83, top1 <= 0.07, kl >= 3.9.
+    "int4-gptq": Threshold(rel_err=0.4, top1=0.6, kl=0.25),
+    "int4-compressed-tensors": Threshold(rel_err=0.4, top1=0.6, kl=0.25),
 }
 
 

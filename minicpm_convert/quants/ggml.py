@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 from gguf import GGMLQuantizationType as QT
 from gguf import quants as gq
+from gguf.constants import GGML_QUANT_SIZES
 
 from . import kquants
 
@@ -136,6 +137,15 @@ def quantize(x: np.ndarray, qtype: QT) -> np.ndarray:
     x = np.ascontiguousarray(x, dtype=np.float32)
     if x.ndim == 0:
         raise ValueError("expected an array with at least one dimension")
+    block = GGML_QUANT_SIZES[qtype][0]
+    if x.shape[-1] % block:
+        raise ValueError(f"{qtype.name}: row length {x.shape[-1]} is not a multiple of {block}")
+    if x.size == 0:  # gguf-py cannot reshape empty arrays
+        if qtype in (QT.F32, QT.F16):
+            return fn(x)
+        if qtype == QT.BF16:
+            return np.empty(x.shape, dtype=np.uint16)
+        return np.empty(gq.quant_shape_to_byte_shape(x.shape, qtype), dtype=np.uint8)
     return fn(x)
 
 

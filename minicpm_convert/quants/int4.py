@@ -42,11 +42,6 @@ def _codes(x: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     return torch.clamp(torch.round(x / s) + z, 0, QMAX)
 
 
-def _weighted_error(x, weights, s, z) -> tuple[torch.Tensor, torch.Tensor]:
-    q = _codes(x, s, z)
-    return ((x - (q - z) * s).square() * weights).sum(1, keepdim=True), q
-
-
 def _importance(x: torch.Tensor) -> torch.Tensor:
     """Per-value weights of the search's error: |x| plus the group's rms (llama.cpp's Q4_K choice),
     so large values count more, but no value counts for nothing."""
@@ -68,50 +63,104 @@ def _asym_zero(xmin: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     return torch.clamp(torch.round(-xmin / s), 1, QMAX)
 
 
-def _keep_better(best, err, s, z) -> None:
-    better = err < best["err"]
-    best["err"] = torch.where(better, err, best["err"])
-    best["s"] = torch.where(better, s, best["s"])
-    best["z"] = torch.where(better, z, best["z"])
+class _Search:
+    """Best (scale, zero) per group so far, by weighted squared error.
+
+    For codes q of one candidate, the error of any (s, z) on those codes is a quadratic in the
+    group sums below, so a candidate and its least-squares refit cost one rounding pass. The
+    refit is scored on the candidate's codes; nearest-rounding with its own scale can only do
+    better, so the recorded error is an upper bound and plain rounding (candidate 0, scored
+    exactly) is never beaten by a worse choice.
+    """
+
+    def __init__(self, x: torch.Tensor, weights: torch.Tensor):
+        self.x, self.weights = x, weights
+        self.wx = weights * x
+        self.sw = weights.sum(1, keepdim=True)
+        self.swx = self.wx.sum(1, keepdim=True)
+        self.swxx = (self.wx * x).sum(1, keepdim=True)
+        self.err = self.s = self.z = None
+
+    def sums(self, s, z):
+        """(codes, sum w*q, sum w*q*q, sum w*x*q) of nearest rounding with scale s and zero z."""
+        q = torch.clamp_(torch.round_(self.x / s).add_(z), 0, QMAX)
+        wq = self.weights * q
+        return wq.sum(1, keepdim=True), (wq * q).sum(1, keepdim=True), (self.wx * q).sum(1, keepdim=True)
+
+    def error(self, sums, s, z):
+        swq, swqq, swxq = sums
+        # sum w*(x - s*(q - z))^2 expanded
+        cross = swxq - z * self.swx
+        square = swqq - 2 * z * swq + z * z * self.sw
+        return self.swxx - 2 * s * cross + s * s * square
+
+    def refit_scale(self, sums, z):
+        """The float16 scale minimising the error for fixed codes and zero."""
+        swq, swqq, swxq = sums
+        square = swqq - 2 * z * swq + z * z * self.sw
+        return fp16_scale(torch.where(square > 0, (swxq - z * self.swx) / square.clamp_min(1e-30), 0.0))
+
+    def offer(self, sums, s, z) -> None:
+        err = self.error(sums, s, z)
+        if self.err is None:
+            self.err, self.s, self.z = err, s, z
+            return
+        better = err < self.err
+        self.err = torch.where(better, err, self.err)
+        self.s = torch.where(better, s, self.s)
+        self.z = torch.where(better, z, self.z)
 
 
-def _least_squares_scale(x, weights, q, z):
-    """The scale minimising sum w*(x - s*(q-z))^2 for fixed codes and zero (None where undefined)."""
-    l = q - z
-    den = (weights * l * l).sum(1, keepdim=True)
-    return torch.where(den > 0, (weights * x * l).sum(1, keepdim=True) / den.clamp_min(1e-30), 0.0)
-
-
-def _search_sym(x, weights, best) -> None:
+def _search_sym(x, weights, s0) -> torch.Tensor:
+    search = _Search(x, weights)
+    z = torch.full_like(s0, SYM_ZERO)
+    search.offer(search.sums(s0, z), s0, z)
     absmax = torch.maximum(-x.amin(1, keepdim=True), x.amax(1, keepdim=True))
-    z = torch.full_like(absmax, SYM_ZERO)
     for t in SYM_DIVISORS:
         s = fp16_scale(absmax / t)
-        err, q = _weighted_error(x, weights, s, z)
-        _keep_better(best, err, s, z)
-        s2 = fp16_scale(_least_squares_scale(x, weights, q, z))
-        _keep_better(best, _weighted_error(x, weights, s2, z)[0], s2, z)
+        sums = search.sums(s, z)
+        search.offer(sums, s, z)
+        search.offer(sums, search.refit_scale(sums, z), z)
+    return search.s
 
 
-def _search_asym(x, weights, xmin, xmax, best) -> None:
-    span = xmax - xmin
-    w_sum = weights.sum(1, keepdim=True)
+def _search_asym(x, weights, s0, z0, xmin, xmax) -> tuple[torch.Tensor, torch.Tensor]:
+    search = _Search(x, weights)
+    search.offer(search.sums(s0, z0), s0, z0)
     for t in ASYM_DIVISORS:
-        s = fp16_scale(span / t)
+        s = fp16_scale((xmax - xmin) / t)
         z = _asym_zero(xmin, s)
-        err, q = _weighted_error(x, weights, s, z)
-        _keep_better(best, err, s, z)
-        # Weighted least squares of x ~ a*q + b for these codes, then back to an integer zero.
-        wq, wx = (weights * q).sum(1, keepdim=True), (weights * x).sum(1, keepdim=True)
-        wqq, wqx = (weights * q * q).sum(1, keepdim=True), (weights * q * x).sum(1, keepdim=True)
-        det = w_sum * wqq - wq * wq
+        sums = search.sums(s, z)
+        search.offer(sums, s, z)
+        # Weighted least squares of x ~ a*q + b on these codes, back to an integer zero -b/a.
+        swq, swqq, swxq = sums
+        det = search.sw * swqq - swq * swq
         ok = det > 0
-        a = torch.where(ok, (w_sum * wqx - wq * wx) / torch.where(ok, det, 1.0), 0.0)
-        b = torch.where(ok, (wqq * wx - wq * wqx) / torch.where(ok, det, 1.0), 0.0)
-        a = fp16_scale(a)
+        det = torch.where(ok, det, 1.0)
+        a = fp16_scale(torch.where(ok, (search.sw * swxq - swq * search.swx) / det, 0.0))
+        b = (swqq * search.swx - swq * swxq) / det
         z2 = torch.where(ok, torch.clamp(torch.round(-b / a), 1, QMAX), z)
-        s2 = fp16_scale(_least_squares_scale(x, weights, _codes(x, a, z2), z2))
-        _keep_better(best, _weighted_error(x, weights, s2, z2)[0], s2, z2)
+        search.offer(sums, search.refit_scale(sums, z2), z2)
+    return search.s, search.z
+
+
+def _quantize_block(x: torch.Tensor, sym: bool, search: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    xmin, xmax = _range(x, sym)
+    s = fp16_scale((xmax - xmin) / QMAX)
+    if not torch.isfinite(s).all():
+        raise ValueError("a group's scale is too large for float16")
+    z = torch.full_like(s, SYM_ZERO) if sym else _asym_zero(xmin, s)
+    if search:
+        weights = _importance(x)
+        if sym:
+            s = _search_sym(x, weights, s)
+        else:
+            s, z = _search_asym(x, weights, s, z, xmin, xmax)
+    return _codes(x, s, z), s, z
+
+
+# Groups per block of the search: its temporaries stay in cache (a big speed-up on large tensors).
+BLOCK_VALUES = 1 << 18
 
 
 def quantize_groups(w: torch.Tensor, group_size: int, sym: bool = True, search: bool = True
@@ -123,23 +172,12 @@ def quantize_groups(w: torch.Tensor, group_size: int, sym: bool = True, search: 
     x = w.detach().to(torch.float32).reshape(-1, group_size)
     if not torch.isfinite(x).all():
         raise ValueError("weight contains NaN or Inf")
-    xmin, xmax = _range(x, sym)
-    s = fp16_scale((xmax - xmin) / QMAX)
-    if not torch.isfinite(s).all():
-        raise ValueError("a group's scale is too large for float16")
-    z = torch.full_like(s, SYM_ZERO) if sym else _asym_zero(xmin, s)
-    if search:
-        weights = _importance(x)
-        best = {"err": _weighted_error(x, weights, s, z)[0], "s": s, "z": z}
-        if sym:
-            _search_sym(x, weights, best)
-        else:
-            _search_asym(x, weights, xmin, xmax, best)
-        s, z = best["s"], best["z"]
-    codes = _codes(x, s, z)
+    step = max(1, BLOCK_VALUES // group_size)
+    blocks = [_quantize_block(x[i:i + step], sym, search) for i in range(0, x.shape[0], step)]
+    codes, scales, zeros = (torch.cat(parts) for parts in zip(*blocks))
     groups = inp // group_size
-    return (codes.to(torch.uint8).reshape(out, inp), s.reshape(out, groups),
-            z.to(torch.uint8).reshape(out, groups))
+    return (codes.to(torch.uint8).reshape(out, inp), scales.reshape(out, groups),
+            zeros.to(torch.uint8).reshape(out, groups))
 
 
 def dequantize(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> torch.Tensor:

@@ -17,7 +17,7 @@ import torch
 
 from ..checkpoint import Checkpoint
 from ..errors import ConvertError
-from ..int4_format import Int4Scheme, check_shape, is_projection, layer_type, packed_tensors, quantization_config
+from ..int4_format import Int4Scheme, check_shapes, is_projection, layer_type, packed_tensors, quantization_config
 from ..progress import progress_bar
 from ..quants import int4
 from ..safetensors_file import safetensors_header, write_tensor
@@ -101,9 +101,7 @@ def _plan_shards(jobs: list[TensorJob], scheme: Int4Scheme, shard_bytes: int) ->
 
 def check_quantizable(ckpt: Checkpoint, jobs: list[TensorJob], group_size: int) -> None:
     """Before anything is written: every projection must cut into whole groups."""
-    for job in jobs:
-        if is_projection(job.name):
-            check_shape(job.name, job.shape, group_size, str(ckpt.folder))
+    check_shapes({j.name: j.shape for j in jobs if is_projection(j.name)}, group_size, str(ckpt.folder))
 
 
 def write_int4(ckpt: Checkpoint, jobs: list[TensorJob], out: Path, scheme: Int4Scheme, *, search: bool = True,

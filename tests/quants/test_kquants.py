@@ -189,10 +189,19 @@ def test_multi_row_8x5760(ggml, type_name):
     assert_same_bytes(quantize(x, QT[type_name]), ggml.quantize_chunk(type_name, x), type_name)
 
 
-@pytest.mark.parametrize("type_name", K_TYPES)
-def test_k_types_reject_rows_not_multiple_of_256(type_name):
+@pytest.mark.parametrize("type_name", ALL_TYPES)
+def test_rejects_rows_not_multiple_of_block(type_name):
+    n = 5760 if type_name in K_TYPES else 5760 + 16
     with pytest.raises(ValueError):
-        quantize(np.zeros((2, 5760), np.float32), QT[type_name])
+        quantize(np.zeros((2, n), np.float32), QT[type_name])
+
+
+@pytest.mark.parametrize("type_name", ALL_TYPES + ["F32", "F16", "BF16"])
+def test_empty_inputs(type_name):
+    block, size = _sizes(type_name)
+    row = 512 // block * size if type_name in ALL_TYPES else 512  # bytes, or elements for F32/F16/BF16
+    assert quantize(np.zeros((0, 512), np.float32), QT[type_name]).shape == (0, row)
+    assert quantize(np.zeros((3, 0), np.float32), QT[type_name]).shape == (3, 0)
 
 
 @pytest.mark.parametrize("case", ["normal_1", "normal_1e-8", "subnormal", "mixed_subnormal", "one_big_subblock",

@@ -97,10 +97,12 @@ PLAIN_TEXTS = [
     "emoji 🙂🚀 and mixed 中文 English 123456789",
     "control bytes \x01\x02\x7f end",
     "   leading spaces",
+    "<用户>你好，请介绍一下你自己。<AI>我是一个语言模型。",  # chat tags are text in MiniCPM-2B's vocabulary
+    "<用户>hi there<AI>",
 ]
-CHAT_TEXTS = [
-    "<用户>你好，请介绍一下你自己。<AI>我是一个语言模型。",
-    "Question: <用户>hi there<AI>ok",
+RESERVED_TEXTS = [
+    "<reserved_0>你好，请介绍一下你自己。<reserved_1>我是一个语言模型。",
+    "Question: <reserved_2>hi there<reserved_3>ok",
 ]
 
 
@@ -110,14 +112,15 @@ def test_llama_cpp_tokenizes_like_sentencepiece(text, gguf_file, fixture_path):
     assert client.tokenize(gguf_file("tiny", "q8_0"), text) == [1] + sp.encode(text)
 
 
-@pytest.mark.parametrize("text", CHAT_TEXTS)
-def test_llama_cpp_keeps_chat_tags_whole(text, gguf_file, fixture_path):
-    """The chat tags are user-defined pieces: llama.cpp matches each as one token (llama.cpp's own
-    converter types them normal and splits them into characters). Between tags, llama.cpp's SPM
-    tokenizer encodes each text fragment as SentencePiece encodes it alone (with its dummy-prefix
-    space after a tag): a rule of llama.cpp's tokenizer that no GGUF metadata changes."""
+@pytest.mark.parametrize("text", RESERVED_TEXTS)
+def test_llama_cpp_keeps_user_defined_tokens_whole(text, gguf_file, fixture_path):
+    """User-defined pieces (MiniCPM's <reserved_N>) are typed user-defined, so llama.cpp matches each
+    as one token (llama.cpp's own converter types them normal and splits them into characters).
+    Between them, llama.cpp's SPM tokenizer encodes each text fragment as SentencePiece encodes it
+    alone (a dummy-prefix space after such a token): a rule of llama.cpp's tokenizer that no GGUF
+    metadata changes, so this is the exact sequence to expect."""
     sp = load_sentencepiece(fixture_path("tiny") / "tokenizer.model")
-    tags = {"<用户>": sp.piece_to_id("<用户>"), "<AI>": sp.piece_to_id("<AI>")}
+    tags = {f"<reserved_{i}>": sp.piece_to_id(f"<reserved_{i}>") for i in range(4)}
     want, rest = [1], text
     while rest:
         cut = min((rest.find(t), t) for t in tags if t in rest) if any(t in rest for t in tags) else (len(rest), None)
@@ -129,7 +132,7 @@ def test_llama_cpp_keeps_chat_tags_whole(text, gguf_file, fixture_path):
         rest = rest[cut[0] + len(cut[1]):]
     got = client.tokenize(gguf_file("tiny", "q8_0"), text)
     assert got == want
-    assert all(t in got for t in tags.values())
+    assert sum(t in tags.values() for t in got) == 2
 
 
 def test_metadata(gguf_file, fixture_path):
