@@ -1,0 +1,221 @@
+"""to-int4, proven by its clients: transformers loads the compressed-tensors export and matches
+our reference on the dequantized weights; the GPTQ files decode, with an unpacker written here
+from the published layout, to exactly the weights we quantized; verify passes both formats."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from minicpm_convert import reference
+from minicpm_convert.checkpoint import Checkpoint
+from minicpm_convert.int4_format import is_projection
+from minicpm_convert.int4_source import Int4Source
+from minicpm_convert.quants import int4
+from minicpm_convert.stream import llama_stream
+from minicpm_convert.verify import THRESHOLDS, compare, judge, prompt_tokens
+from tests.conftest import run_cli
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@pytest.fixture(scope="module")
+def int4_export(tmp_path_factory, fixture_path):
+    out = tmp_path_factory.mktemp("int4")
+    cache = {}
+
+    def make(name: str, fmt: str, group_size: int = 128, sym: bool = True, search: bool = True):
+        key = (name, fmt, group_size, sym, search)
+        if key not in cache:
+            dest = out / "-".join(map(str, key))
+            code, _, err = run_cli("to-int4", fixture_path(name), dest, "--format", fmt, "--group-size", group_size,
+                                   "--sym" if sym else "--asym", "--search" if search else "--no-search", "-q")
+            assert code == 0, err
+            cache[key] = dest
+        return cache[key]
+    return make
+
+
+def transformers_logits(folder, tokens, dtype=torch.float32):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    model.eval()
+    with torch.no_grad():
+        return model(torch.tensor([tokens])).logits[0].float()
+
+
+def check_against_references(folder, src_dir, got, tol):
+    """The client's logits vs ours on the same dequantized weights, and vs the MiniCPM original."""
+    src = Checkpoint(src_dir)
+    tokens = prompt_tokens(src, None, None)
+    source = Int4Source(folder)
+    same_weights = compare(reference.forward(source, tokens), got)
+    assert same_weights["rel_err"] < tol, same_weights
+    original = compare(reference.forward(src, tokens), got)
+    assert judge(original, THRESHOLDS[source.kind]), original
+
+
+# -- (a) transformers + compressed-tensors, the real client ---------------------------------------
+@pytest.mark.parametrize("name", ["tiny", "gqa"])
+def test_transformers_loads_compressed_tensors_export(name, int4_export, fixture_path):
+    pytest.importorskip("compressed_tensors")
+    folder = int4_export(name, "compressed-tensors")
+    got = transformers_logits(folder, prompt_tokens(Checkpoint(fixture_path(name)), None, None))
+    check_against_references(folder, fixture_path(name), got, tol=1e-3)
+
+
+@pytest.mark.xfail(strict=False, reason="transformers 5.x + compressed-tensors 0.20 build the asymmetric zero "
+                   "point unpacked on the meta model, so the packed checkpoint tensor mismatches "
+                   "(llm-compressor issue 1618); the layout itself is checked against compressed-tensors below")
+def test_transformers_loads_asymmetric_compressed_tensors_export(int4_export, fixture_path):
+    pytest.importorskip("compressed_tensors")
+    folder = int4_export("tiny", "compressed-tensors", 64, sym=False)
+    got = transformers_logits(folder, prompt_tokens(Checkpoint(fixture_path("tiny")), None, None))
+    check_against_references(folder, fixture_path("tiny"), got, tol=1e-3)
+
+
+@pytest.mark.parametrize("sym", [True, False])
+def test_compressed_tensors_decompressor_gives_our_weights(sym, int4_export):
+    """compressed-tensors' own PackedQuantizationCompressor decodes every layer to our weights."""
+    ct = pytest.importorskip("compressed_tensors")
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationConfig
+
+    folder = int4_export("gqa", "compressed-tensors", 64, sym=sym)
+    cfg = json.loads((folder / "config.json").read_text())
+    scheme = QuantizationConfig.model_validate(cfg["quantization_config"]).config_groups["group_0"]
+    assert ct is not None and scheme.weights.symmetric is sym
+    source, stored = Int4Source(folder), Checkpoint(folder, validate=False)
+    for name in (n for n in source._shapes if is_projection(n)):
+        prefix = name.removesuffix("weight")
+        state = {k: stored.get(prefix + k).clone() for k in ("weight_packed", "weight_scale", "weight_shape")}
+        if not sym:
+            state["weight_zero_point"] = stored.get(prefix + "weight_zero_point").clone()
+        state["weight_scale"] = state["weight_scale"].float()  # dequantize in float32, as a float32 model does
+        theirs = PackedQuantizationCompressor.decompress(state, scheme)["weight"]
+        assert torch.equal(theirs, source.dequantized(name)), name
+
+
+@pytest.mark.parametrize("sym", [True, False])
+def test_compressed_tensors_config_parses(sym, int4_export):
+    pytest.importorskip("compressed_tensors")
+    from compressed_tensors.quantization import QuantizationConfig
+
+    cfg = json.loads((int4_export("tiny", "compressed-tensors", 128, sym=sym) / "config.json").read_text())
+    qc = QuantizationConfig.model_validate(cfg["quantization_config"])
+    assert qc.format == "pack-quantized" and qc.quantization_status == "compressed" and qc.ignore == ["lm_head"]
+    weights = qc.config_groups["group_0"].weights
+    assert (weights.num_bits, weights.type, weights.strategy, weights.group_size, weights.symmetric) == (
+        4, "int", "group", 128, sym)
+
+
+# -- (b) GPTQ decoded from the published layout, independently of our code -------------------------
+def unpack_gptq_v1(qweight, qzeros, scales, g_idx):
+    """GPTQ v1 (AutoGPTQ/GPTQModel): qweight [in/8, out], 8 input rows per int32, row 8j+i in bits
+    4i..4i+3; qzeros [groups, out/8], column 8k+i in bits 4i..4i+3, storing zero-1; scales
+    [groups, out]; input row r uses group g_idx[r]. W[out, in] = scale * (q - zero)."""
+    qw = qweight.numpy().view(np.uint32)
+    qz = qzeros.numpy().view(np.uint32)
+    sc = scales.numpy().astype(np.float32)
+    n_in, n_out = qw.shape[0] * 8, qw.shape[1]
+    q = np.zeros((n_in, n_out), dtype=np.int64)
+    for i in range(8):
+        q[i::8, :] = (qw >> np.uint32(4 * i)) & 0xF
+    z = np.zeros((qz.shape[0], n_out), dtype=np.int64)
+    for i in range(8):
+        z[:, i::8] = ((qz >> np.uint32(4 * i)) & 0xF) + 1
+    gi = g_idx.numpy().astype(np.int64)
+    w = sc[gi, :] * (q - z[gi, :]).astype(np.float32)
+    return torch.from_numpy(w.T.copy())
+
+
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("group_size", [32, 128])
+@pytest.mark.parametrize("name", ["tiny", "gqa"])
+def test_gptq_files_decode_to_exactly_the_quantized_weights(name, group_size, sym, int4_export, fixture_path):
+    folder = int4_export(name, "gptq", group_size, sym)
+    stored = Checkpoint(folder, validate=False)
+    for job in llama_stream(Checkpoint(fixture_path(name))):
+        prefix = job.name.removesuffix("weight")
+        if not is_projection(job.name):
+            assert torch.equal(stored.get(job.name), job.read_all().half()), job.name
+            continue
+        tensors = {k: stored.get(prefix + k) for k in ("qweight", "qzeros", "scales", "g_idx")}
+        assert tensors["qweight"].dtype == torch.int32 and tensors["scales"].dtype == torch.float16
+        if sym:
+            assert (tensors["qzeros"] == 0x77777777).all(), job.name
+        want = int4.dequantize(*int4.quantize_groups(job.read_all(), group_size, sym, True), group_size)
+        assert torch.equal(unpack_gptq_v1(**tensors), want), job.name
+
+
+def test_gptq_config_files(int4_export):
+    folder = int4_export("tiny", "gptq", 64, sym=False)
+    cfg = json.loads((folder / "config.json").read_text())
+    qc = cfg["quantization_config"]
+    assert qc == json.loads((folder / "quantize_config.json").read_text())
+    assert {k: qc[k] for k in ("quant_method", "bits", "group_size", "desc_act", "sym", "checkpoint_format")} == {
+        "quant_method": "gptq", "bits": 4, "group_size": 64, "desc_act": False, "sym": False,
+        "checkpoint_format": "gptq"}
+    assert cfg["architectures"] == ["LlamaForCausalLM"] and cfg["torch_dtype"] == "float16"
+    from transformers import GPTQConfig
+    assert GPTQConfig.from_dict(qc).format == "gptq"
+
+
+# -- (c) transformers + optimum + gptqmodel, where installed ------------------------------------
+@pytest.mark.interop
+@pytest.mark.parametrize("sym", [True, False])
+def test_transformers_loads_gptq_export(sym, int4_export, fixture_path):
+    pytest.importorskip("optimum")
+    pytest.importorskip("gptqmodel")
+    folder = int4_export("tiny", "gptq", 128, sym)
+    got = transformers_logits(folder, prompt_tokens(Checkpoint(fixture_path("tiny")), None, None),
+                              dtype=torch.float16)
+    # gptqmodel's kernels compute in float16: the float16 rounding of weights and activations
+    check_against_references(folder, fixture_path("tiny"), got, tol=2e-2)
+
+
+# -- (d) the command line ------------------------------------------------------------------------
+@pytest.mark.parametrize("fmt", ["gptq", "compressed-tensors"])
+def test_to_int4_then_verify_passes(fmt, int4_export, fixture_path):
+    for name, sym in (("tiny", True), ("untied", False)):
+        code, out, err = run_cli("verify", fixture_path(name), int4_export(name, fmt, 64, sym))
+        assert code == 0, out + err
+        assert f"int4-{fmt}" in out
+
+
+def test_report_file_and_table(fixture_path, tmp_path):
+    code, out, err = run_cli("to-int4", fixture_path("tiny"), tmp_path / "x", "-q")
+    assert code == 0, err
+    for kind in PROJECTIONS:
+        assert kind in out
+    report = json.loads((tmp_path / "x" / "quantization_report.json").read_text())
+    assert (report["format"], report["group_size"], report["sym"], report["search"]) == ("gptq", 128, True, True)
+    assert set(report["by_layer_type"]) == {p for p in PROJECTIONS}
+    for kind, err_ in report["by_layer_type"].items():
+        assert err_["search"] < err_["rtn"], kind
+    code, out, err = run_cli("to-int4", fixture_path("tiny"), tmp_path / "y", "--no-search", "-q")
+    assert code == 0, err
+    report = json.loads((tmp_path / "y" / "quantization_report.json").read_text())
+    assert report["search"] is False and all(v["search"] is None for v in report["by_layer_type"].values())
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--group-size", "128"), "'model.layers.0.self_attn.q_proj.weight' has input size 160, not a multiple of "
+                              "--group-size 128"),
+    (("--group-size", "48"), "--group-size: 48 is not one of 32, 64, 128"),
+])
+def test_bad_group_size_is_one_line_exit_2(args, message, fixture_path, tmp_path):
+    code, out, err = run_cli("to-int4", fixture_path("odd"), tmp_path / "out", *args)
+    assert code == 2
+    assert message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists() and not list(tmp_path.iterdir())
+
+
+def test_refuses_existing_output_without_force(fixture_path, tmp_path):
+    (tmp_path / "out").mkdir()
+    code, _, err = run_cli("to-int4", fixture_path("tiny"), tmp_path / "out")
+    assert code == 2 and "already exists" in err
