@@ -144,6 +144,9 @@ def to_gguf(
     check_output(out, force)
     ckpt = Checkpoint.open(src)
     refuse_unsupported(ckpt, "to-gguf")
+    if ckpt.spec.rope_scaling is not None:  # dynamic NTK, checked above
+        err_console.print(f"warning: llama.cpp has no dynamic NTK rope scaling; {out} is exact up to "
+                          f"{ckpt.spec.max_position_embeddings} tokens (max_position_embeddings)", highlight=False)
     with atomic_output(out, force=force, folder=False) as tmp:
         write_gguf(ckpt, tmp, ft, arch.value, src, quiet=quiet)
     err_console.print(f"wrote {out} (GGUF arch {arch.value}, {ft.name})", highlight=False)
@@ -200,9 +203,11 @@ def to_int4(
 
 
 def refuse_unsupported(ckpt, command: str) -> None:
+    """Refuse, by name and with the reason, what a command cannot convert exactly."""
     variant = ckpt.spec.variant
     reasons = {
-        "minicpm3": "MiniCPM3's MLA attention has no Llama equivalent",
+        "minicpm3": "MiniCPM3's MLA attention has no Llama equivalent" if command != "to-gguf"
+                    else "MiniCPM3 (MLA attention) is not supported yet",
         "minicpm-s": "MiniCPM-S's FATReLU activation has no Llama or llama.cpp equivalent",
         "minicpm-moe": "MiniCPM-MoE is not supported yet",
         "minicpm-longrope": "MiniCPM4's LongRoPE is not supported yet",
@@ -210,6 +215,12 @@ def refuse_unsupported(ckpt, command: str) -> None:
     }
     if variant in reasons:
         raise ConvertError(f"{ckpt.folder}: {command} refuses variant '{variant}': {reasons[variant]}")
+    if ckpt.spec.hidden_act != "silu":
+        raise ConvertError(f"{ckpt.folder}/config.json: hidden_act '{ckpt.spec.hidden_act}' is not supported (silu only)")
+    scaling = ckpt.spec.rope_scaling
+    kind = (scaling or {}).get("rope_type") or (scaling or {}).get("type")
+    if scaling is not None and kind != "dynamic":
+        raise ConvertError(f"{ckpt.folder}/config.json: rope_scaling type {kind!r} is not supported")
 
 
 def parse_tokens(text: str | None) -> list[int] | None:
