@@ -251,7 +251,13 @@ def verify_cmd(
     if prompt is not None and tokens is not None:
         raise ConvertError("give --prompt or --tokens, not both")
     ckpt = Checkpoint.open(src)
+    if ckpt.spec.variant != "minicpm":
+        raise ConvertError(f"{ckpt.folder}: verify does not support variant '{ckpt.spec.variant}' yet "
+                           "(the reference forward pass implements dense MiniCPM 1/2)")
     ids = prompt_tokens(ckpt, prompt, parse_tokens(tokens))
+    if len(ids) > ckpt.spec.max_position_embeddings:
+        raise ConvertError(f"{len(ids)} tokens exceed max_position_embeddings "
+                           f"({ckpt.spec.max_position_embeddings}); use a shorter prompt")
     reports = verify(ckpt, exports, ids)
     table = Table(title=f"parity against {src} ({len(ids)} tokens)")
     for col in ("export", "kind", "max abs err", "rel err", "min cosine", "top-1", "KL (nats)", "result"):
