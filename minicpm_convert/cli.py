@@ -106,6 +106,7 @@ def to_llama(
     target = ckpt.storage_dtype if dtype is DType.auto else getattr(torch, dtype.value)
     if target not in (torch.float32, torch.float16, torch.bfloat16):
         raise ConvertError(f"{ckpt.folder}: stored as {target}; pass --dtype bfloat16|float16|float32")
+    warn_lossy(ckpt, out)
     with atomic_output(out, force=force, folder=True) as tmp:
         write_llama(ckpt, llama_stream(ckpt), tmp, target, shard_bytes, quiet=quiet)
     err_console.print(f"wrote {out} (LlamaForCausalLM, {str(target).removeprefix('torch.')})", highlight=False)
@@ -144,7 +145,8 @@ def to_gguf(
     check_output(out, force)
     ckpt = Checkpoint.open(src)
     refuse_unsupported(ckpt, "to-gguf")
-    if ckpt.spec.rope_scaling is not None:  # dynamic NTK, checked above
+    warn_lossy(ckpt, out)
+    if ckpt.spec.rope_type == "dynamic":
         err_console.print(f"warning: llama.cpp has no dynamic NTK rope scaling; {out} is exact up to "
                           f"{ckpt.spec.max_position_embeddings} tokens (max_position_embeddings)", highlight=False)
     with atomic_output(out, force=force, folder=False) as tmp:
@@ -210,17 +212,30 @@ def refuse_unsupported(ckpt, command: str) -> None:
                     else "MiniCPM3 (MLA attention) is not supported yet",
         "minicpm-s": "MiniCPM-S's FATReLU activation has no Llama or llama.cpp equivalent",
         "minicpm-moe": "MiniCPM-MoE is not supported yet",
-        "minicpm-longrope": "MiniCPM4's LongRoPE is not supported yet",
         "llama": "this is already a Llama-format checkpoint",
     }
     if variant in reasons:
         raise ConvertError(f"{ckpt.folder}: {command} refuses variant '{variant}': {reasons[variant]}")
     if ckpt.spec.hidden_act != "silu":
         raise ConvertError(f"{ckpt.folder}/config.json: hidden_act '{ckpt.spec.hidden_act}' is not supported (silu only)")
-    scaling = ckpt.spec.rope_scaling
-    kind = (scaling or {}).get("rope_type") or (scaling or {}).get("type")
-    if scaling is not None and kind != "dynamic":
+    kind = ckpt.spec.rope_type
+    if kind not in (None, "dynamic", "longrope"):
         raise ConvertError(f"{ckpt.folder}/config.json: rope_scaling type {kind!r} is not supported")
+    if kind == "longrope" and command == "to-gguf":
+        from .reference import longrope
+        if longrope(ckpt.spec, 1)[1] != 1.0:
+            raise ConvertError(f"{ckpt.folder}/config.json: max_position_embeddings > original_max_position_embeddings "
+                               "gives LongRoPE an attention scale that llama.cpp does not apply")
+
+
+def warn_lossy(ckpt, out: Path) -> None:
+    """What an export keeps differently from the original, said once before the work starts."""
+    sparse = ckpt.config.get("sparse_config")
+    if isinstance(sparse, dict):
+        dense_len = sparse.get("dense_len", "dense_len")
+        err_console.print(f"note: {out} uses dense attention; MiniCPM4's sparse attention (sparse_config) is not "
+                          f"carried over, and MiniCPM4 itself attends densely below {dense_len} tokens",
+                          highlight=False)
 
 
 def parse_tokens(text: str | None) -> list[int] | None:
@@ -251,7 +266,7 @@ def verify_cmd(
     if prompt is not None and tokens is not None:
         raise ConvertError("give --prompt or --tokens, not both")
     ckpt = Checkpoint.open(src)
-    if ckpt.spec.variant != "minicpm":
+    if ckpt.spec.variant not in ("minicpm", "minicpm-longrope"):
         raise ConvertError(f"{ckpt.folder}: verify does not support variant '{ckpt.spec.variant}' yet "
                            "(the reference forward pass implements dense MiniCPM 1/2)")
     ids = prompt_tokens(ckpt, prompt, parse_tokens(tokens))

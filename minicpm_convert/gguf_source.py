@@ -72,6 +72,7 @@ class GgufSource:
             rms_norm_eps=float(get("attention.layer_norm_rms_epsilon")), rope_theta=float(get("rope.freq_base", 10000.0)),
             max_position_embeddings=int(get("context_length")),
             tie_word_embeddings="lm_head.weight" not in self._by_hf,
+            rope_scaling=self._rope_scaling(get),
         )
         if a == "minicpm":
             layers = common["num_hidden_layers"]
@@ -79,6 +80,17 @@ class GgufSource:
                              scale_depth=float(get("residual_scale")) * layers ** 0.5,
                              dim_model_base=common["hidden_size"] / float(get("logit_scale")), **common)
         return ModelSpec(model_type="llama", variant="llama", **common)
+
+    def _rope_scaling(self, get) -> dict | None:
+        if get("rope.scaling.type", None) != "longrope":
+            return None
+        factors = {t.name: np.array(t.data, dtype=np.float32).tolist() for t in self.tensors
+                   if t.name in ("rope_factors_long.weight", "rope_factors_short.weight")}
+        if len(factors) != 2:
+            raise ConvertError(f"{self.path}: LongRoPE file without rope_factors_long/short tensors")
+        return {"rope_type": "longrope", "long_factor": factors["rope_factors_long.weight"],
+                "short_factor": factors["rope_factors_short.weight"],
+                "original_max_position_embeddings": int(get("rope.scaling.original_context_length"))}
 
     def _check_shapes(self) -> None:
         from .names import expected_shapes

@@ -8,6 +8,7 @@ Only one layer's weights are in memory at a time, and the head is applied in row
 
 from __future__ import annotations
 
+import math
 from typing import Protocol
 
 import torch
@@ -33,13 +34,32 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
 
 
+def longrope(spec: ModelSpec, length: int) -> tuple[torch.Tensor, float]:
+    """(1/ext_factors, cos/sin scale) of LongRoPE (MiniCPM4): long factors beyond the original length."""
+    scaling = spec.rope_scaling
+    orig = scaling.get("original_max_position_embeddings") or spec.raw.get("original_max_position_embeddings")
+    factors = scaling["long_factor"] if length > orig else scaling["short_factor"]
+    ratio = spec.max_position_embeddings / orig
+    scale = math.sqrt(1 + math.log(ratio) / math.log(orig)) if ratio > 1 else 1.0
+    return 1.0 / torch.tensor(factors, dtype=torch.float32), scale
+
+
 def rope_tables(spec: ModelSpec, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin for the half-split ("rotate_half") layout, computed in float32."""
+    """cos/sin for the half-split ("rotate_half") layout, computed in float32.
+
+    Dynamic NTK scaling (MiniCPM-2B-128k) changes nothing below max_position_embeddings, which
+    verify enforces, so only LongRoPE alters the tables here.
+    """
     hd = spec.head_dim
     inv_freq = 1.0 / (spec.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
-    freqs = positions.float()[:, None] * inv_freq[None, :]
+    t = positions.float()[:, None]
+    scale = 1.0
+    if spec.rope_type == "longrope":
+        inv_ext, scale = longrope(spec, len(positions))
+        t = t * inv_ext[None, :]
+    freqs = t * inv_freq[None, :]
     emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos(), emb.sin()
+    return emb.cos() * scale, emb.sin() * scale
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

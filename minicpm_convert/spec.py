@@ -71,6 +71,13 @@ class ModelSpec:
     def is_mup(self) -> bool:
         return self.model_type == "minicpm"
 
+    @property
+    def rope_type(self) -> str | None:
+        """'longrope', 'dynamic', ... (MiniCPM3 spells the key `type`, MiniCPM4 `rope_type`)."""
+        if not self.rope_scaling:
+            return None
+        return self.rope_scaling.get("rope_type") or self.rope_scaling.get("type")
+
 
 def _get(cfg: dict, key: str, kind: type | tuple, where: str, default: Any = ..., positive: bool = False):
     if key not in cfg or cfg[key] is None:
@@ -142,6 +149,8 @@ def spec_from_config(cfg: Any, where: str = "config.json") -> ModelSpec:
         raise ConvertError(f"{where}: head dimension {hidden // heads} must be even for RoPE")
 
     rope_scaling = _get(cfg, "rope_scaling", dict, where, default=None)
+    if rope_scaling is not None and (rope_scaling.get("rope_type") or rope_scaling.get("type")) == "longrope":
+        _check_longrope(rope_scaling, hidden // heads, cfg, where)
     common = dict(
         hidden_size=hidden,
         num_hidden_layers=layers,
@@ -177,6 +186,17 @@ def spec_from_config(cfg: Any, where: str = "config.json") -> ModelSpec:
         tie_word_embeddings=_get(cfg, "tie_word_embeddings", bool, where, default=True),
         **common,
     )
+
+
+def _check_longrope(scaling: dict, head_dim: int, cfg: dict, where: str) -> None:
+    for key in ("short_factor", "long_factor"):
+        factors = scaling.get(key)
+        if (not isinstance(factors, list) or len(factors) != head_dim // 2
+                or not all(isinstance(f, (int, float)) and not isinstance(f, bool) and f > 0 for f in factors)):
+            raise ConvertError(f"{where}: rope_scaling.{key} must be a list of {head_dim // 2} positive numbers")
+    orig = scaling.get("original_max_position_embeddings", cfg.get("original_max_position_embeddings"))
+    if not isinstance(orig, int) or isinstance(orig, bool) or orig <= 0:
+        raise ConvertError(f"{where}: rope_scaling.original_max_position_embeddings must be a positive integer")
 
 
 def load_config(path: Path) -> dict:

@@ -117,6 +117,13 @@ def llama_config(spec: ModelSpec, dtype: torch.dtype) -> dict:
         "torch_dtype": str(dtype).removeprefix("torch."),
         "use_cache": True,
     }
-    if spec.rope_scaling is not None:
+    if spec.rope_type == "longrope":
+        # transformers' Llama reads LongRoPE as rope_type "longrope" with both factor lists.
+        orig = spec.rope_scaling.get("original_max_position_embeddings") or spec.raw["original_max_position_embeddings"]
+        cfg["rope_scaling"] = {"rope_type": "longrope", "short_factor": list(spec.rope_scaling["short_factor"]),
+                               "long_factor": list(spec.rope_scaling["long_factor"]),
+                               "original_max_position_embeddings": orig}
+        cfg["original_max_position_embeddings"] = orig
+    elif spec.rope_scaling is not None:
         cfg["rope_scaling"] = spec.rope_scaling
     return cfg

@@ -65,7 +65,7 @@ def test_128k_gguf_warns_and_llama_cpp_matches(minicpm_2b_128k, tmp_path):
     ({"model_type": "minicpm3", "architectures": ["MiniCPM3ForCausalLM"]}, "to-llama",
      "MLA attention has no Llama equivalent"),
     ({"rope_scaling": {"rope_type": "longrope", "short_factor": [1.0] * 32, "long_factor": [1.0] * 32,
-                       "original_max_position_embeddings": 4096}}, "to-gguf", "LongRoPE is not supported yet"),
+                       "original_max_position_embeddings": 1024}}, "to-gguf", "attention scale that llama.cpp does not apply"),
     ({"num_experts": 8, "num_experts_per_tok": 2}, "to-llama", "MiniCPM-MoE is not supported yet"),
 ])
 def test_refused_by_name(changes, command, reason, fixture_path, tmp_path):
@@ -79,3 +79,73 @@ def test_inspect_names_the_variant(fixture_path, tmp_path):
     src = derived(fixture_path, tmp_path, "tiny", hidden_act="fatrelu")
     code, out, _ = run_cli("inspect", src)
     assert code == 0 and "variant: minicpm-s" in out
+
+
+def _factors(n, lo, hi):
+    return [round(lo + (hi - lo) * i / (n - 1), 4) for i in range(n)]
+
+
+@pytest.fixture
+def minicpm4(fixture_path, tmp_path):
+    """MiniCPM4-0.5B's structure: GQA, LongRoPE (rope_type longrope, short and long factors),
+    eps 1e-6, no dim_model_base (defaults to 256), sparse_config."""
+    folder = derived(fixture_path, tmp_path, "gqa", rms_norm_eps=1e-6, max_position_embeddings=4096,
+                     rope_scaling={"rope_type": "longrope", "short_factor": _factors(16, 1.0, 3.0),
+                                   "long_factor": _factors(16, 1.0, 40.0), "original_max_position_embeddings": 4096},
+                     sparse_config={"kernel_size": 32, "dense_len": 8192})
+    cfg = json.loads((folder / "config.json").read_text())
+    del cfg["dim_model_base"]
+    (folder / "config.json").write_text(json.dumps(cfg))
+    return folder
+
+
+def test_minicpm4_spec_defaults(minicpm4):
+    spec = Checkpoint(minicpm4).spec
+    assert spec.variant == "minicpm-longrope" and spec.dim_model_base == 256 and spec.rms_norm_eps == 1e-6
+
+
+def test_minicpm4_llama_format_matches_in_transformers(minicpm4, tmp_path):
+    from transformers import LlamaForCausalLM
+
+    out = tmp_path / "llama"
+    code, _, err = run_cli("to-llama", minicpm4, out, "--dtype", "float32", "-q")
+    assert code == 0, err
+    assert "sparse attention (sparse_config) is not carried over" in err
+    assert json.loads((out / "config.json").read_text())["rope_scaling"]["rope_type"] == "longrope"
+    src = Checkpoint(minicpm4)
+    tokens = prompt_tokens(src, None, None)
+    model = LlamaForCausalLM.from_pretrained(out, dtype=torch.float32)
+    with torch.no_grad():
+        got = model(torch.tensor([tokens])).logits[0]
+    m = compare(reference.forward(src, tokens), got)
+    assert m["rel_err"] < 1e-4 and m["top1"] == 1.0, m
+    assert run_cli("verify", minicpm4, out)[0] == 0
+
+
+def test_longrope_changes_the_logits(minicpm4):
+    """The factors matter: without them the reference gives other logits (so the tests above test them)."""
+    src = Checkpoint(minicpm4)
+    tokens = prompt_tokens(src, None, None)
+    plain = Checkpoint(minicpm4)
+    object.__setattr__(plain, "spec", type(src.spec)(**{**src.spec.__dict__, "rope_scaling": None}))
+    m = compare(reference.forward(src, tokens), reference.forward(plain, tokens))
+    assert m["kl"] > 1e-3, m
+
+
+@pytest.mark.parametrize("arch", ["minicpm", "llama"])
+def test_minicpm4_gguf_runs_in_llama_cpp(minicpm4, tmp_path, arch):
+    from gguf import GGUFReader
+
+    from tests import llama_cpp_client as client
+
+    out = tmp_path / "m.gguf"
+    code, _, err = run_cli("to-gguf", minicpm4, out, "--quant", "f32", "--arch", arch, "-q")
+    assert code == 0, err
+    names = [t.name for t in GGUFReader(out).tensors]
+    assert names[:4] == ["output_norm.weight", "rope_factors_long.weight", "rope_factors_short.weight",
+                         "token_embd.weight"]
+    src = Checkpoint(minicpm4)
+    tokens = prompt_tokens(src, None, None)
+    m = compare(reference.forward(src, tokens), client.logits(out, tokens))
+    assert m["rel_err"] < 2e-3 and m["top1"] == 1.0, m
+    assert run_cli("verify", minicpm4, out)[0] == 0

@@ -44,10 +44,27 @@ def qk_heads(spec, hf_name: str) -> int | None:
     return None
 
 
+def longrope_original_length(spec) -> int:
+    return spec.rope_scaling.get("original_max_position_embeddings") or spec.raw["original_max_position_embeddings"]
+
+
+def rope_factor_jobs(spec) -> list[tuple[str, TensorJob]]:
+    """LongRoPE's factor lists as the two f32 tensors llama.cpp reads (as its converter writes them)."""
+    if spec.rope_type != "longrope":
+        return []
+    jobs = []
+    for which in ("long", "short"):
+        values = torch.tensor(spec.rope_scaling[f"{which}_factor"], dtype=torch.float32)
+        jobs.append((f"rope_factors_{which}.weight",
+                     TensorJob(f"rope_factors_{which}", tuple(values.shape), torch.float32,
+                               lambda start, stop, v=values: v[start:stop])))
+    return jobs
+
+
 def gguf_jobs(ckpt: Checkpoint, arch: str) -> list[tuple[str, TensorJob]]:
     """(gguf name, job) in llama-quantize's order; a tied minicpm head is not written."""
     jobs = llama_stream(ckpt) if arch == "llama" else source_stream(ckpt)
-    named = [(hf_to_gguf(j.name), j) for j in jobs]
+    named = [(hf_to_gguf(j.name), j) for j in jobs] + rope_factor_jobs(ckpt.spec)
     return sorted(named, key=lambda item: sort_key(item[0]))
 
 
@@ -69,6 +86,10 @@ def add_metadata(w: GGUFWriter, ckpt: Checkpoint, arch: str, ft: FileType, sourc
     w.add_layer_norm_rms_eps(spec.rms_norm_eps)
     w.add_rope_freq_base(spec.rope_theta)
     w.add_rope_dimension_count(spec.head_dim)
+    if spec.rope_type == "longrope":
+        from gguf import RopeScalingType
+        w.add_rope_scaling_type(RopeScalingType.LONGROPE)
+        w.add_rope_scaling_orig_ctx_len(longrope_original_length(spec))
     w.add_vocab_size(spec.vocab_size)
     if arch == "minicpm":
         w.add_embedding_scale(spec.scale_emb)
