@@ -142,8 +142,9 @@ def test_minicpm4_gguf_runs_in_llama_cpp(minicpm4, tmp_path, arch):
     code, _, err = run_cli("to-gguf", minicpm4, out, "--quant", "f32", "--arch", arch, "-q")
     assert code == 0, err
     names = [t.name for t in GGUFReader(out).tensors]
-    assert names[:4] == ["output_norm.weight", "rope_factors_long.weight", "rope_factors_short.weight",
-                         "token_embd.weight"]
+    outside_blocks = [n for n in names if not n.startswith("blk.")]
+    assert {"rope_factors_long.weight", "rope_factors_short.weight"} <= set(outside_blocks)
+    assert outside_blocks == sorted(outside_blocks) == names[:len(outside_blocks)]
     src = Checkpoint(minicpm4)
     tokens = prompt_tokens(src, None, None)
     m = compare(reference.forward(src, tokens), client.logits(out, tokens))
