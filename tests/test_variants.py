@@ -66,7 +66,6 @@ def test_128k_gguf_warns_and_llama_cpp_matches(minicpm_2b_128k, tmp_path):
      "MLA attention has no Llama equivalent"),
     ({"rope_scaling": {"rope_type": "longrope", "short_factor": [1.0] * 32, "long_factor": [1.0] * 32,
                        "original_max_position_embeddings": 1024}}, "to-gguf", "attention scale that llama.cpp does not apply"),
-    ({"num_experts": 8, "num_experts_per_tok": 2}, "to-llama", "MiniCPM-MoE is not supported yet"),
 ])
 def test_refused_by_name(changes, command, reason, fixture_path, tmp_path):
     src = derived(fixture_path, tmp_path, "tiny", **changes)
