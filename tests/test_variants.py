@@ -149,3 +149,42 @@ def test_minicpm4_gguf_runs_in_llama_cpp(minicpm4, tmp_path, arch):
     m = compare(reference.forward(src, tokens), client.logits(out, tokens))
     assert m["rel_err"] < 2e-3 and m["top1"] == 1.0, m
     assert run_cli("verify", minicpm4, out)[0] == 0
+
+
+@pytest.fixture(scope="module")
+def minicpm_1b(tmp_path_factory):
+    """MiniCPM-1B's structure: GQA 24/8 heads, intermediate 2.5x hidden, tied, bf16 (small sizes)."""
+    from fixtures.make_fixtures import copy_tokenizer_files, make_config, tokenizer_size, write_checkpoint
+
+    out = tmp_path_factory.mktemp("minicpm-1b")
+    cfg = make_config(hidden_size=384, num_hidden_layers=3, num_attention_heads=24, num_key_value_heads=8,
+                      intermediate_size=960, vocab_size=tokenizer_size(), dim_model_base=256)
+    write_checkpoint(out, cfg, torch.bfloat16, seed=1)
+    copy_tokenizer_files(out)
+    return out
+
+
+def test_minicpm_1b_all_commands(minicpm_1b, tmp_path):
+    from transformers import LlamaForCausalLM
+
+    from minicpm_convert.quant_plan import FILE_TYPES
+    from tests import llama_cpp_client as client
+    from tests.sinks.test_gguf import tensors
+
+    src = Checkpoint(minicpm_1b)
+    assert (src.spec.num_attention_heads, src.spec.num_key_value_heads) == (24, 8)
+    tokens = prompt_tokens(src, None, None)
+    ref = reference.forward(src, tokens)
+    assert run_cli("to-llama", minicpm_1b, tmp_path / "llama", "--dtype", "float32", "-q")[0] == 0
+    model = LlamaForCausalLM.from_pretrained(tmp_path / "llama", dtype=torch.float32)
+    with torch.no_grad():
+        m = compare(ref, model(torch.tensor([tokens])).logits[0])
+    assert m["rel_err"] < 1e-4 and m["top1"] == 1.0, m
+    for quant in ("f32", "q4_K_M"):
+        assert run_cli("to-gguf", minicpm_1b, tmp_path / f"{quant}.gguf", "--quant", quant, "-q")[0] == 0
+    client.quantize(tmp_path / "f32.gguf", tmp_path / "theirs.gguf", int(FILE_TYPES["q4_K_M"].ftype))
+    assert tensors(tmp_path / "q4_K_M.gguf") == tensors(tmp_path / "theirs.gguf")
+    m = compare(ref, client.logits(tmp_path / "f32.gguf", tokens))
+    assert m["rel_err"] < 2e-3 and m["top1"] == 1.0, m
+    code, out, err = run_cli("verify", minicpm_1b, tmp_path / "llama", tmp_path / "f32.gguf", tmp_path / "q4_K_M.gguf")
+    assert code == 0, out + err
