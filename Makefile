@@ -7,7 +7,7 @@ STAMP := .make
 DEMO := out/demo
 QUANTS := f32 f16 bf16 q8_0 q4_0 q4_K_M q5_K_M q6_K
 
-.PHONY: install install-test fixtures demo test bench clean
+.PHONY: install install-test fixtures demo test test-interop bench clean
 
 $(STAMP)/install: pyproject.toml
 	@mkdir -p $(STAMP)
@@ -39,6 +39,10 @@ demo: fixtures
 
 test: $(STAMP)/install-test
 	$(PYTHON) -m pytest -q
+
+# Loaders we do not install in CI (optimum + gptqmodel for GPTQ); the tests skip where absent.
+test-interop: $(STAMP)/install-test
+	$(PYTHON) -m pytest -m interop
 
 bench: $(STAMP)/install-test
 	$(PYTHON) benchmarks/bench.py

@@ -109,7 +109,8 @@ def to_llama(
     warn_lossy(ckpt, out)
     with atomic_output(out, force=force, folder=True) as tmp:
         write_llama(ckpt, llama_stream(ckpt), tmp, target, shard_bytes, quiet=quiet)
-    err_console.print(f"wrote {out} (LlamaForCausalLM, {str(target).removeprefix('torch.')})", highlight=False)
+    arch_name = "MixtralForCausalLM" if ckpt.spec.num_experts else "LlamaForCausalLM"
+    err_console.print(f"wrote {out} ({arch_name}, {str(target).removeprefix('torch.')})", highlight=False)
 
 
 class Arch(str, Enum):
@@ -211,10 +212,11 @@ def refuse_unsupported(ckpt, command: str) -> None:
         "minicpm3": "MiniCPM3's MLA attention has no Llama equivalent" if command != "to-gguf"
                     else "MiniCPM3 (MLA attention) is not supported yet",
         "minicpm-s": "MiniCPM-S's FATReLU activation has no Llama or llama.cpp equivalent",
-        "minicpm-moe": "MiniCPM-MoE is not supported yet",
+        # to-llama writes Mixtral layout and to-gguf llama.cpp's MoE tensors; INT4 has no MoE layout here.
+        "minicpm-moe": "INT4 export of MiniCPM-MoE's experts is not supported" if command == "to-int4" else None,
         "llama": "this is already a Llama-format checkpoint",
     }
-    if variant in reasons:
+    if reasons.get(variant):
         raise ConvertError(f"{ckpt.folder}: {command} refuses variant '{variant}': {reasons[variant]}")
     if ckpt.spec.hidden_act != "silu":
         raise ConvertError(f"{ckpt.folder}/config.json: hidden_act '{ckpt.spec.hidden_act}' is not supported (silu only)")
@@ -266,7 +268,7 @@ def verify_cmd(
     if prompt is not None and tokens is not None:
         raise ConvertError("give --prompt or --tokens, not both")
     ckpt = Checkpoint.open(src)
-    if ckpt.spec.variant not in ("minicpm", "minicpm-longrope"):
+    if ckpt.spec.variant not in ("minicpm", "minicpm-longrope", "minicpm-moe"):
         raise ConvertError(f"{ckpt.folder}: verify does not support variant '{ckpt.spec.variant}' yet "
                            "(the reference forward pass implements dense MiniCPM 1/2)")
     ids = prompt_tokens(ckpt, prompt, parse_tokens(tokens))

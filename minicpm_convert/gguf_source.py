@@ -10,7 +10,7 @@ from gguf import GGMLQuantizationType as T
 from gguf import GGUFReader, LlamaFileType
 
 from .errors import ConvertError
-from .names import gguf_to_hf
+from .names import expert_parts, gguf_to_hf, stacked_name
 from .quants.ggml import dequantize
 from .spec import ModelSpec
 
@@ -73,10 +73,12 @@ class GgufSource:
             max_position_embeddings=int(get("context_length")),
             tie_word_embeddings="lm_head.weight" not in self._by_hf,
             rope_scaling=self._rope_scaling(get),
+            num_experts=int(get("expert_count", 0)), num_experts_per_tok=int(get("expert_used_count", 0)),
         )
         if a == "minicpm":
             layers = common["num_hidden_layers"]
-            return ModelSpec(model_type="minicpm", variant="minicpm", scale_emb=float(get("embedding_scale")),
+            variant = "minicpm-moe" if common["num_experts"] else "minicpm"
+            return ModelSpec(model_type="minicpm", variant=variant, scale_emb=float(get("embedding_scale")),
                              scale_depth=float(get("residual_scale")) * layers ** 0.5,
                              dim_model_base=common["hidden_size"] / float(get("logit_scale")), **common)
         return ModelSpec(model_type="llama", variant="llama", **common)
@@ -96,7 +98,7 @@ class GgufSource:
         from .names import expected_shapes
         expected = expected_shapes(self.spec)
         for name, shape in expected.items():
-            if name not in self._by_hf:
+            if not self.has(name):
                 raise ConvertError(f"{self.path}: missing tensor '{_gguf_name(name)}'")
             if self.shape(name) != shape:
                 raise ConvertError(f"{self.path}: tensor '{_gguf_name(name)}' has shape {list(self.shape(name))}, "
@@ -116,13 +118,36 @@ class GgufSource:
         return out
 
     # -- WeightSource --------------------------------------------------------------------------
+    def _expert(self, name: str):
+        """(stacked tensor, expert index) for a per-expert name (MiniCPM or Mixtral spelling), else None."""
+        parts = expert_parts(name)
+        if parts is None:
+            return None
+        layer, expert, w = parts
+        t = self._by_hf.get(stacked_name(layer, w))
+        if t is None or len(t.shape) != 3 or expert >= int(t.shape[2]):
+            return None
+        return t, expert
+
     def has(self, name: str) -> bool:
-        return name in self._by_hf
+        name = name.replace(".block_sparse_moe.", ".mlp.")
+        return name in self._by_hf or self._expert(name) is not None
 
     def shape(self, name: str) -> tuple[int, ...]:
+        name = name.replace(".block_sparse_moe.", ".mlp.")
+        found = self._expert(name)
+        if found is not None:
+            return tuple(int(d) for d in reversed(found[0].shape.tolist()[:2]))
         return tuple(int(d) for d in reversed(self._by_hf[name].shape.tolist()))
 
     def read(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        name = name.replace(".block_sparse_moe.", ".mlp.")
+        found = self._expert(name)
+        if found is not None:  # one expert's slice of a stacked [n_expert, rows, cols] tensor
+            t, expert = found
+            rows, cols = self.shape(name)
+            raw = np.asarray(t.data).reshape(int(t.shape[2]), rows, -1)[expert]
+            return torch.from_numpy(self._dequant(raw[start:stop], t.tensor_type).reshape(-1, cols))
         t = self._by_hf[name]
         shape = self.shape(name)
         if len(shape) == 1:
@@ -145,4 +170,5 @@ class GgufSource:
 
 def _gguf_name(hf: str) -> str:
     from .names import hf_to_gguf
-    return hf_to_gguf(hf)
+    parts = expert_parts(hf)
+    return hf_to_gguf(stacked_name(parts[0], parts[2]) if parts else hf)

@@ -25,7 +25,39 @@ LAYER_NAMES = {
     "mlp.gate_proj.weight": "ffn_gate.weight",
     "mlp.up_proj.weight": "ffn_up.weight",
     "mlp.down_proj.weight": "ffn_down.weight",
+    # MiniCPM-MoE: the router, and each expert kind stacked over experts into one 3-D tensor
+    # [n_expert, rows, cols] (`mlp.experts.wN.weight` names the stack; see `expert_parts`).
+    "mlp.gate.weight": "ffn_gate_inp.weight",
+    "mlp.experts.w1.weight": "ffn_gate_exps.weight",
+    "mlp.experts.w3.weight": "ffn_up_exps.weight",
+    "mlp.experts.w2.weight": "ffn_down_exps.weight",
 }
+# A MiniCPM-MoE expert (`mlp.experts.E.wN`, w1 gate, w3 up, w2 down) and its Mixtral spelling
+# (`block_sparse_moe.experts.E.wN`, what to-llama writes for MoE).
+_EXPERT = re.compile(r"^model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\.(\d+)\.(w[123])\.weight$")
+MIXTRAL_PREFIX = "block_sparse_moe."
+
+
+def expert_parts(name: str) -> tuple[int, int, str] | None:
+    """(layer, expert, 'w1'|'w2'|'w3') of a per-expert weight name, else None."""
+    m = _EXPERT.match(name)
+    return (int(m.group(1)), int(m.group(2)), m.group(3)) if m else None
+
+
+def stacked_name(layer: int, w: str) -> str:
+    """The Hugging Face-style name of one layer's experts of one kind stacked (GGUF's 3-D tensor)."""
+    return f"model.layers.{layer}.mlp.experts.{w}.weight"
+
+
+def moe_prefix(spec: ModelSpec) -> str:
+    """Where the MoE block lives: `mlp.` in MiniCPM-MoE, `block_sparse_moe.` in its Mixtral export."""
+    return MIXTRAL_PREFIX if spec.model_type == "llama" else "mlp."
+
+
+def to_mixtral(name: str) -> str:
+    """MiniCPM-MoE name -> Mixtral name (router and experts move to block_sparse_moe)."""
+    return name.replace(".mlp.experts.", "." + MIXTRAL_PREFIX + "experts.").replace(
+        ".mlp.gate.weight", "." + MIXTRAL_PREFIX + "gate.weight")
 # The seven Linear layers of a decoder block (what INT4 quantizes).
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -40,6 +72,7 @@ IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 
 
 def hf_to_gguf(name: str) -> str:
+    name = name.replace("." + MIXTRAL_PREFIX, ".mlp.")
     if name in GLOBAL_NAMES:
         return GLOBAL_NAMES[name]
     m = _HF_LAYER.match(name)
@@ -75,6 +108,14 @@ def expected_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
         shapes[p + "self_attn.v_proj.weight"] = (kv, h)
         shapes[p + "self_attn.o_proj.weight"] = (h, q)
         shapes[p + "post_attention_layernorm.weight"] = (h,)
+        if spec.num_experts:
+            moe = p + moe_prefix(spec)
+            for e in range(spec.num_experts):
+                shapes[f"{moe}experts.{e}.w1.weight"] = (inter, h)
+                shapes[f"{moe}experts.{e}.w2.weight"] = (h, inter)
+                shapes[f"{moe}experts.{e}.w3.weight"] = (inter, h)
+            shapes[moe + "gate.weight"] = (spec.num_experts, h)
+            continue
         shapes[p + "mlp.gate_proj.weight"] = (inter, h)
         shapes[p + "mlp.up_proj.weight"] = (inter, h)
         shapes[p + "mlp.down_proj.weight"] = (h, inter)

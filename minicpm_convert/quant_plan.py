@@ -44,9 +44,15 @@ def use_more_bits(i: int, n: int) -> bool:
     return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
 
 
-def tensor_type(name: str, shape: tuple[int, ...], ft: FileType, n_layers: int, tied: bool) -> T:
-    """GGML type of one GGUF tensor; `shape` in rows x columns (ne[0] is the last entry)."""
-    if len(shape) < 2 or name.endswith("_norm.weight") or not name.endswith("weight"):
+def tensor_type(name: str, shape: tuple[int, ...], ft: FileType, n_layers: int, tied: bool,
+                n_expert: int = 0) -> T:
+    """GGML type of one GGUF tensor; `shape` in rows x columns (ne[0] is the last entry).
+
+    MoE (`n_expert`): the router `ffn_gate_inp` is never quantized (llama.cpp's converter writes it
+    F32); stacked experts [n_expert, rows, cols] follow the ffn_* rules with the layer read from the
+    name; and llama-quantize has extra rules for exactly 8 experts (Mixtral, MiniCPM-MoE-8x2B).
+    """
+    if len(shape) < 2 or name.endswith("_norm.weight") or not name.endswith("weight") or "ffn_gate_inp" in name:
         return T.F32
     if ft.default in (T.F32, T.F16, T.BF16):
         return ft.default
@@ -60,8 +66,14 @@ def tensor_type(name: str, shape: tuple[int, ...], ft: FileType, n_layers: int, 
             new = T.Q8_0
         elif new != T.Q8_0:
             new = T.Q6_K
-    elif more_bits_file and name.endswith(("attn_v.weight", "ffn_down.weight")) and use_more_bits(layer, n_layers):
+    elif more_bits_file and name.endswith(("attn_v.weight", "ffn_down.weight", "ffn_down_exps.weight")) \
+            and use_more_bits(layer, n_layers):
         new = T.Q6_K
+    if n_expert == 8:  # "bumping this to Q8_0 trades just ~128MB" (llama_tensor_get_type_impl)
+        if name.endswith(("attn_v.weight", "attn_k.weight")):
+            new = T.Q8_0
+        elif name.endswith("attn_output.weight") and ft.ftype == F.MOSTLY_Q4_K_M:
+            new = T.Q5_K
     return fallback(new, ncols)
 
 

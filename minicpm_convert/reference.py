@@ -13,6 +13,7 @@ from typing import Protocol
 
 import torch
 
+from .names import moe_prefix
 from .spec import ModelSpec
 
 HEAD_CHUNK_ROWS = 8192
@@ -89,6 +90,27 @@ def mlp(h: torch.Tensor, w_gate, w_up, w_down) -> torch.Tensor:
     return (torch.nn.functional.silu(h @ w_gate.T) * (h @ w_up.T)) @ w_down.T
 
 
+def route(h: torch.Tensor, router: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """MiniCPM-MoE routing in float32: softmax over all experts, keep the top k, renormalise.
+
+    Returns (weights [tokens, k] summing to 1, expert ids [tokens, k]).
+    """
+    probs = torch.softmax((h @ router.T).float(), dim=-1)
+    weights, experts = probs.topk(top_k, dim=-1)
+    return weights / weights.sum(dim=-1, keepdim=True), experts
+
+
+def moe_mlp(h: torch.Tensor, router: torch.Tensor, top_k: int, expert) -> torch.Tensor:
+    """Sum over each token's top-k experts of weight x SwiGLU expert; `expert(e)` gives
+    (w_gate, w_up, w_down) of expert e and is called only for experts some token uses."""
+    weights, experts = route(h, router, top_k)
+    out = torch.zeros_like(h)
+    for e in experts.unique().tolist():
+        tok, slot = (experts == e).nonzero(as_tuple=True)
+        out.index_add_(0, tok, mlp(h[tok], *expert(e)) * weights[tok, slot, None])
+    return out
+
+
 def embed(source: WeightSource, tokens: list[int]) -> torch.Tensor:
     rows = [source.read("model.embed_tokens.weight", i, i + 1) for i in tokens]
     return torch.cat(rows, dim=0)
@@ -109,7 +131,12 @@ def forward(source: WeightSource, tokens: list[int]) -> torch.Tensor:
             a = attention(spec, x, *(source.read(p + f"self_attn.{w}_proj.weight") for w in "qkvo"), cos, sin)
             h = h + a * r
             x = rms_norm(h, source.read(p + "post_attention_layernorm.weight"), spec.rms_norm_eps)
-            m = mlp(x, *(source.read(p + f"mlp.{w}_proj.weight") for w in ("gate", "up", "down")))
+            if spec.num_experts:
+                moe = p + moe_prefix(spec)
+                m = moe_mlp(x, source.read(moe + "gate.weight"), spec.num_experts_per_tok,
+                            lambda e: [source.read(f"{moe}experts.{e}.{w}.weight") for w in ("w1", "w3", "w2")])
+            else:
+                m = mlp(x, *(source.read(p + f"mlp.{w}_proj.weight") for w in ("gate", "up", "down")))
             h = h + m * r
         h = rms_norm(h, source.read("model.norm.weight"), spec.rms_norm_eps) / spec.logit_scale
         head = "lm_head.weight" if source.has("lm_head.weight") else "model.embed_tokens.weight"

@@ -111,7 +111,7 @@ def detect_variant(cfg: dict) -> str:
     archs = cfg.get("architectures") or []
     if model_type == "minicpm3" or "MiniCPM3ForCausalLM" in archs:
         return "minicpm3"
-    if model_type == "llama":
+    if model_type in ("llama", "mixtral"):  # mixtral: MiniCPM-MoE's Llama-format (Mixtral) export
         return "llama"
     if model_type == "minicpm":
         if cfg.get("num_experts"):
@@ -123,7 +123,7 @@ def detect_variant(cfg: dict) -> str:
             return "minicpm-longrope"
         return "minicpm"
     raise ConvertError(
-        f"config.json: unknown model_type {model_type!r} (supported: 'minicpm', 'llama')"
+        f"config.json: unknown model_type {model_type!r} (supported: 'minicpm', 'llama', 'mixtral')"
     )
 
 
@@ -164,7 +164,8 @@ def spec_from_config(cfg: Any, where: str = "config.json") -> ModelSpec:
         max_position_embeddings=_get(cfg, "max_position_embeddings", int, where, default=2048, positive=True),
         hidden_act=_get(cfg, "hidden_act", str, where, default="silu"),
         rope_scaling=rope_scaling,
-        num_experts=_get(cfg, "num_experts", int, where, default=0),
+        num_experts=_get(cfg, "num_local_experts" if cfg.get("model_type") == "mixtral" else "num_experts",
+                         int, where, default=0),
         num_experts_per_tok=_get(cfg, "num_experts_per_tok", int, where, default=0),
         bos_token_id=_get(cfg, "bos_token_id", int, where, default=None),
         eos_token_id=_get(cfg, "eos_token_id", (int, list), where, default=None),
@@ -172,6 +173,10 @@ def spec_from_config(cfg: Any, where: str = "config.json") -> ModelSpec:
         variant=variant,
         raw=cfg,
     )
+    n_exp, top_k = common["num_experts"], common["num_experts_per_tok"]
+    if n_exp < 0 or (n_exp and not 1 <= top_k <= n_exp):
+        raise ConvertError(f"{where}: num_experts_per_tok {top_k} must be between 1 and the number of "
+                           f"experts ({n_exp})")
     if model_type == "llama":
         return ModelSpec(model_type="llama",
                          tie_word_embeddings=_get(cfg, "tie_word_embeddings", bool, where, default=False),

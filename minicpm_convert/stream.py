@@ -15,6 +15,7 @@ from typing import Callable, Iterator
 import torch
 
 from .checkpoint import Checkpoint
+from .names import expert_parts, to_mixtral
 from .spec import ModelSpec
 
 # Rows per read are chosen so a chunk holds about this many float32 values (64 MB).
@@ -71,11 +72,16 @@ def fold_factor(spec: ModelSpec, name: str) -> tuple[float | None, float | None]
         return None, None
     if name == "model.embed_tokens.weight":
         return spec.scale_emb, None
-    if name.endswith(("self_attn.o_proj.weight", "mlp.down_proj.weight")):
+    if name.endswith(("self_attn.o_proj.weight", "mlp.down_proj.weight")) or _is_expert_down(name):
         return spec.residual_scale, None
     if name == "lm_head.weight":
         return None, spec.logit_scale
     return None, None
+
+
+def _is_expert_down(name: str) -> bool:
+    parts = expert_parts(name)
+    return parts is not None and parts[2] == "w2"
 
 
 def llama_stream(ckpt: Checkpoint) -> list[TensorJob]:
@@ -84,7 +90,8 @@ def llama_stream(ckpt: Checkpoint) -> list[TensorJob]:
     jobs = []
     for name in ckpt.names():
         factor, divisor = fold_factor(spec, name)
-        jobs.append(TensorJob(name, ckpt.shape(name), ckpt.dtype(name), _reader(ckpt, name, factor, divisor)))
+        out = to_mixtral(name) if spec.num_experts else name  # MiniCPM-MoE -> Mixtral layout
+        jobs.append(TensorJob(out, ckpt.shape(name), ckpt.dtype(name), _reader(ckpt, name, factor, divisor)))
     if "lm_head.weight" not in ckpt.names():
         emb = "model.embed_tokens.weight"
         _, divisor = fold_factor(spec, "lm_head.weight")
@@ -126,4 +133,21 @@ def llama_config(spec: ModelSpec, dtype: torch.dtype) -> dict:
         cfg["original_max_position_embeddings"] = orig
     elif spec.rope_scaling is not None:
         cfg["rope_scaling"] = spec.rope_scaling
+    if spec.num_experts:
+        cfg.update(mixtral_keys(spec))
     return cfg
+
+
+def mixtral_keys(spec: ModelSpec) -> dict:
+    """MiniCPM-MoE's Llama-format export is a Mixtral: same routing (softmax, top-k, renormalised)."""
+    return {
+        "architectures": ["MixtralForCausalLM"],
+        "model_type": "mixtral",
+        "num_local_experts": spec.num_experts,
+        "num_experts_per_tok": spec.num_experts_per_tok,
+        # Training-only; MiniCPM-MoE trained with a load-balancing loss weight of 0.01.
+        "router_aux_loss_coef": spec.raw.get("router_aux_loss_coef", 0.01),
+        "output_router_logits": False,
+        "router_jitter_noise": 0.0,
+        "sliding_window": None,
+    }

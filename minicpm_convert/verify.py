@@ -47,6 +47,12 @@ THRESHOLDS: dict[str, Threshold] = {
     "gguf-q5_K_M": Threshold(rel_err=0.2, top1=0.8, kl=4e-2),
     "gguf-q4_K_M": Threshold(rel_err=0.3, top1=0.75, kl=0.1),
     "gguf-q4_0": Threshold(rel_err=0.4, top1=0.6, kl=0.25),
+    # INT4 (both packings decode to the same weights). Worst of 48 fixture exports (tiny, gqa,
+    # untied, bin x group 32/64/128 x sym/asym x search/RTN, default prompt): rel_err 0.282,
+    # top1 0.614, kl 0.164. Layout bugs (zero off by one, nibble order) measured rel_err >= 0.80,
+    # top1 <= 0.07, kl >= 3.5, so rel_err is bounded below that floor rather than at 2.5x.
+    "int4-gptq": Threshold(rel_err=0.5, top1=0.5, kl=0.4),
+    "int4-compressed-tensors": Threshold(rel_err=0.5, top1=0.5, kl=0.4),
 }
 
 

@@ -82,7 +82,7 @@ class _Search:
         self.err = self.s = self.z = None
 
     def sums(self, s, z):
-        """(codes, sum w*q, sum w*q*q, sum w*x*q) of nearest rounding with scale s and zero z."""
+        """(sum w*q, sum w*q*q, sum w*x*q) per group, q the nearest codes for scale s and zero z."""
         q = torch.clamp_(torch.round_(self.x / s).add_(z), 0, QMAX)
         wq = self.weights * q
         return wq.sum(1, keepdim=True), (wq * q).sum(1, keepdim=True), (self.wx * q).sum(1, keepdim=True)

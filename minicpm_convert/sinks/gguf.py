@@ -64,6 +64,9 @@ def rope_factor_jobs(spec) -> list[tuple[str, TensorJob]]:
 def gguf_jobs(ckpt: Checkpoint, arch: str) -> list[tuple[str, TensorJob]]:
     """(gguf name, job) in llama-quantize's order; a tied minicpm head is not written."""
     jobs = llama_stream(ckpt) if arch == "llama" else source_stream(ckpt)
+    if ckpt.spec.num_experts:
+        from ..experts import stack_experts
+        jobs = stack_experts(jobs, ckpt.spec.num_experts)
     named = [(hf_to_gguf(j.name), j) for j in jobs] + rope_factor_jobs(ckpt.spec)
     return sorted(named, key=lambda item: sort_key(item[0]))
 
@@ -91,6 +94,9 @@ def add_metadata(w: GGUFWriter, ckpt: Checkpoint, arch: str, ft: FileType, sourc
         w.add_rope_scaling_type(RopeScalingType.LONGROPE)
         w.add_rope_scaling_orig_ctx_len(longrope_original_length(spec))
     w.add_vocab_size(spec.vocab_size)
+    if spec.num_experts:
+        w.add_expert_count(spec.num_experts)
+        w.add_expert_used_count(spec.num_experts_per_tok)
     if arch == "minicpm":
         w.add_embedding_scale(spec.scale_emb)
         w.add_residual_scale(spec.residual_scale)
@@ -118,11 +124,13 @@ def write_gguf(ckpt: Checkpoint, out: Path, ft: FileType, arch: str, source: str
     spec = ckpt.spec
     jobs = gguf_jobs(ckpt, arch)
     tied = not any(name == "output.weight" for name, _ in jobs)
-    plan = {name: tensor_type(name, job.shape, ft, spec.num_hidden_layers, tied) for name, job in jobs}
+    plan = {name: tensor_type(name, job.shape, ft, spec.num_hidden_layers, tied, spec.num_experts)
+            for name, job in jobs}
     w = GGUFWriter(None, arch)
     add_metadata(w, ckpt, arch, ft, source)
     for name, job in jobs:
-        nbytes = job.rows * row_bytes(plan[name], job.shape[-1]) if len(job.shape) > 1 else job.rows * 4
+        nbytes = (job.rows * job.row_values // job.shape[-1] * row_bytes(plan[name], job.shape[-1])
+                  if len(job.shape) > 1 else job.rows * 4)  # rows of all experts for a 3-D stack
         w.add_tensor_info(name, job.shape, np.dtype(np.float32), nbytes, raw_dtype=plan[name])
     w.write_header_to_file(out)
     w.write_kv_data_to_file()
