@@ -145,7 +145,7 @@ def to_gguf(
         raise ConvertError(f"--quant: unknown type {quant!r} (choose from {', '.join(FILE_TYPES)})")
     check_output(out, force)
     ckpt = Checkpoint.open(src)
-    refuse_unsupported(ckpt, "to-gguf")
+    refuse_unsupported(ckpt, "to-gguf", arch.value)
     warn_lossy(ckpt, out)
     if ckpt.spec.rope_type == "dynamic":
         err_console.print(f"warning: llama.cpp has no dynamic NTK rope scaling; {out} is exact up to "
@@ -205,12 +205,13 @@ def to_int4(
                       highlight=False)
 
 
-def refuse_unsupported(ckpt, command: str) -> None:
+def refuse_unsupported(ckpt, command: str, arch: str | None = None) -> None:
     """Refuse, by name and with the reason, what a command cannot convert exactly."""
     variant = ckpt.spec.variant
     reasons = {
-        "minicpm3": "MiniCPM3's MLA attention has no Llama equivalent" if command != "to-gguf"
-                    else "MiniCPM3 (MLA attention) is not supported yet",
+        # MLA has no Llama equivalent; GGUF arch minicpm3 (llama.cpp's own) represents it exactly.
+        "minicpm3": None if (command, arch) == ("to-gguf", "minicpm")
+                    else "MiniCPM3's MLA attention has no Llama equivalent",
         "minicpm-s": "MiniCPM-S's FATReLU activation has no Llama or llama.cpp equivalent",
         # to-llama writes Mixtral layout and to-gguf llama.cpp's MoE tensors; INT4 has no MoE layout here.
         "minicpm-moe": "INT4 export of MiniCPM-MoE's experts is not supported" if command == "to-int4" else None,
@@ -218,6 +219,11 @@ def refuse_unsupported(ckpt, command: str) -> None:
     }
     if reasons.get(variant):
         raise ConvertError(f"{ckpt.folder}: {command} refuses variant '{variant}': {reasons[variant]}")
+    spec = ckpt.spec
+    if spec.mla and (spec.scale_emb, spec.scale_depth, spec.dim_model_base) != (12.0, 1.4, 256.0):
+        # llama.cpp's minicpm3 graph hard-codes MiniCPM3-4B's muP scalars
+        raise ConvertError(f"{ckpt.folder}/config.json: llama.cpp's minicpm3 architecture assumes scale_emb 12, "
+                           "scale_depth 1.4 and dim_model_base 256; this model differs")
     if ckpt.spec.hidden_act != "silu":
         raise ConvertError(f"{ckpt.folder}/config.json: hidden_act '{ckpt.spec.hidden_act}' is not supported (silu only)")
     kind = ckpt.spec.rope_type
@@ -268,9 +274,9 @@ def verify_cmd(
     if prompt is not None and tokens is not None:
         raise ConvertError("give --prompt or --tokens, not both")
     ckpt = Checkpoint.open(src)
-    if ckpt.spec.variant not in ("minicpm", "minicpm-longrope", "minicpm-moe"):
-        raise ConvertError(f"{ckpt.folder}: verify does not support variant '{ckpt.spec.variant}' yet "
-                           "(the reference forward pass implements dense MiniCPM 1/2)")
+    if ckpt.spec.variant not in ("minicpm", "minicpm-longrope", "minicpm-moe", "minicpm3"):
+        raise ConvertError(f"{ckpt.folder}: verify does not support variant '{ckpt.spec.variant}' "
+                           "(the reference forward pass has no FATReLU)")
     ids = prompt_tokens(ckpt, prompt, parse_tokens(tokens))
     if len(ids) > ckpt.spec.max_position_embeddings:
         raise ConvertError(f"{len(ids)} tokens exceed max_position_embeddings "

@@ -12,7 +12,7 @@ from gguf import GGUFReader, LlamaFileType
 from .errors import ConvertError
 from .names import expert_parts, gguf_to_hf, stacked_name
 from .quants.ggml import dequantize
-from .spec import ModelSpec
+from .spec import MlaDims, ModelSpec
 
 _FILE_TYPE_NAMES = {LlamaFileType.ALL_F32: "f32", LlamaFileType.MOSTLY_F16: "f16", LlamaFileType.MOSTLY_BF16: "bf16",
                     LlamaFileType.MOSTLY_Q8_0: "q8_0", LlamaFileType.MOSTLY_Q4_0: "q4_0",
@@ -25,11 +25,12 @@ class GgufSource:
         self.path = Path(path)
         try:
             self.reader = GGUFReader(self.path)
-        except (ValueError, OSError, IndexError, KeyError) as exc:
-            raise ConvertError(f"{self.path}: not a readable GGUF file ({str(exc).splitlines()[0][:160]})") from None
+        except Exception as exc:  # gguf-py fails with numpy/struct errors on damaged files
+            raise _unreadable(self.path, exc) from None
         self.arch = self._str("general.architecture")
-        if self.arch not in ("minicpm", "llama"):
-            raise ConvertError(f"{self.path}: architecture '{self.arch}' is not one verify understands (minicpm, llama)")
+        if self.arch not in ("minicpm", "llama", "minicpm3"):
+            raise ConvertError(f"{self.path}: architecture '{self.arch}' is not one verify understands "
+                               "(minicpm, llama, minicpm3)")
         self.version = int(self._field("GGUF.version"))
         self.tensors = self.reader.tensors
         self._by_hf: dict[str, object] = {}
@@ -53,6 +54,14 @@ class GgufSource:
             return default
         return field.contents()
 
+    def _number(self, key: str, default=...):
+        value = self._field(key, default)
+        if value is default:
+            return value
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConvertError(f"{self.path}: metadata key '{key}' is not a number")
+        return value
+
     def _str(self, key: str) -> str:
         value = self._field(key)
         if not isinstance(value, str):
@@ -61,8 +70,14 @@ class GgufSource:
 
     def _spec(self) -> ModelSpec:
         a = self.arch
-        get = lambda k, d=...: self._field(f"{a}.{k}", d)  # noqa: E731
+        get = lambda k, d=...: self._number(f"{a}.{k}", d)  # noqa: E731
         heads = int(get("attention.head_count"))
+        for key in ("embedding_length", "block_count", "feed_forward_length", "attention.head_count"):
+            if not get(key) > 0:
+                raise ConvertError(f"{self.path}: metadata key '{a}.{key}' must be positive, got {get(key)}")
+        if get("embedding_length") % heads:
+            raise ConvertError(f"{self.path}: metadata '{a}.embedding_length' {get('embedding_length')} is not "
+                               f"divisible by '{a}.attention.head_count' {heads}")
         tokens = self._field("tokenizer.ggml.tokens", default=None)
         vocab = int(get("vocab_size", len(tokens) if tokens is not None else 0))
         common = dict(
@@ -75,6 +90,13 @@ class GgufSource:
             rope_scaling=self._rope_scaling(get),
             num_experts=int(get("expert_count", 0)), num_experts_per_tok=int(get("expert_used_count", 0)),
         )
+        if a == "minicpm3":  # llama.cpp's minicpm3 graph hard-codes MiniCPM3-4B's muP scalars
+            rope = int(get("rope.dimension_count"))
+            mla = MlaDims(q_lora_rank=int(get("attention.q_lora_rank")), kv_lora_rank=int(get("attention.kv_lora_rank")),
+                          qk_nope_head_dim=int(get("attention.key_length")) - rope, qk_rope_head_dim=rope,
+                          v_head_dim=int(get("attention.value_length", common["hidden_size"] // heads)))
+            return ModelSpec(model_type="minicpm3", variant="minicpm3", scale_emb=12.0, scale_depth=1.4,
+                             dim_model_base=256.0, mla=mla, **common)
         if a == "minicpm":
             layers = common["num_hidden_layers"]
             variant = "minicpm-moe" if common["num_experts"] else "minicpm"
@@ -84,7 +106,9 @@ class GgufSource:
         return ModelSpec(model_type="llama", variant="llama", **common)
 
     def _rope_scaling(self, get) -> dict | None:
-        if get("rope.scaling.type", None) != "longrope":
+        has_factors = any(t.name == "rope_factors_long.weight" for t in self.tensors)
+        if self._field(f"{self.arch}.rope.scaling.type", None) != "longrope" and not (
+                self.arch == "minicpm3" and has_factors):  # llama.cpp's converter writes MiniCPM3's factors only
             return None
         factors = {t.name: np.array(t.data, dtype=np.float32).tolist() for t in self.tensors
                    if t.name in ("rope_factors_long.weight", "rope_factors_short.weight")}
@@ -92,10 +116,15 @@ class GgufSource:
             raise ConvertError(f"{self.path}: LongRoPE file without rope_factors_long/short tensors")
         return {"rope_type": "longrope", "long_factor": factors["rope_factors_long.weight"],
                 "short_factor": factors["rope_factors_short.weight"],
-                "original_max_position_embeddings": int(get("rope.scaling.original_context_length"))}
+                "original_max_position_embeddings": int(get("rope.scaling.original_context_length",
+                                                             get("context_length")))}
 
     def _check_shapes(self) -> None:
-        from .names import expected_shapes
+        from .names import expected_shapes, layer_index
+        blocks = max((layer_index(t.name) for t in self.tensors if layer_index(t.name) is not None), default=-1) + 1
+        if self.spec.num_hidden_layers > blocks:  # before listing a (perhaps huge) expected set
+            raise ConvertError(f"{self.path}: missing tensor 'blk.{blocks}.attn_norm.weight' (metadata block_count "
+                               f"is {self.spec.num_hidden_layers}, the file holds {blocks} blocks)")
         expected = expected_shapes(self.spec)
         for name, shape in expected.items():
             if not self.has(name):
@@ -166,6 +195,20 @@ class GgufSource:
         if qtype in (T.F32, T.F16):
             return np.array(raw, dtype=np.float32)
         return dequantize(np.ascontiguousarray(raw).view(np.uint8), qtype).astype(np.float32, copy=False)
+
+
+def _unreadable(path: Path, exc: Exception) -> ConvertError:
+    """One line for a file gguf-py cannot parse: wrong magic, or truncated/corrupt."""
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+        size = path.stat().st_size
+    except OSError as err:
+        return ConvertError(f"{path}: cannot read ({err.strerror or err})")
+    if len(magic) == 4 and magic != b"GGUF":
+        return ConvertError(f"{path}: not a GGUF file (starts with {magic!r}, expected b'GGUF')")
+    detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
+    return ConvertError(f"{path}: truncated or corrupt GGUF file ({size} bytes; {detail})")
 
 
 def _gguf_name(hf: str) -> str:

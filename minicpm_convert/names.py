@@ -25,6 +25,13 @@ LAYER_NAMES = {
     "mlp.gate_proj.weight": "ffn_gate.weight",
     "mlp.up_proj.weight": "ffn_up.weight",
     "mlp.down_proj.weight": "ffn_down.weight",
+    # MiniCPM3's multi-head latent attention (GGUF arch minicpm3)
+    "self_attn.q_a_proj.weight": "attn_q_a.weight",
+    "self_attn.q_a_layernorm.weight": "attn_q_a_norm.weight",
+    "self_attn.q_b_proj.weight": "attn_q_b.weight",
+    "self_attn.kv_a_proj_with_mqa.weight": "attn_kv_a_mqa.weight",
+    "self_attn.kv_a_layernorm.weight": "attn_kv_a_norm.weight",
+    "self_attn.kv_b_proj.weight": "attn_kv_b.weight",
     # MiniCPM-MoE: the router, and each expert kind stacked over experts into one 3-D tensor
     # [n_expert, rows, cols] (`mlp.experts.wN.weight` names the stack; see `expert_parts`).
     "mlp.gate.weight": "ffn_gate_inp.weight",
@@ -103,10 +110,13 @@ def expected_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
     for i in range(spec.num_hidden_layers):
         p = f"model.layers.{i}."
         shapes[p + "input_layernorm.weight"] = (h,)
-        shapes[p + "self_attn.q_proj.weight"] = (q, h)
-        shapes[p + "self_attn.k_proj.weight"] = (kv, h)
-        shapes[p + "self_attn.v_proj.weight"] = (kv, h)
-        shapes[p + "self_attn.o_proj.weight"] = (h, q)
+        if spec.mla:
+            shapes.update(_mla_shapes(spec, p))
+        else:
+            shapes[p + "self_attn.q_proj.weight"] = (q, h)
+            shapes[p + "self_attn.k_proj.weight"] = (kv, h)
+            shapes[p + "self_attn.v_proj.weight"] = (kv, h)
+            shapes[p + "self_attn.o_proj.weight"] = (h, q)
         shapes[p + "post_attention_layernorm.weight"] = (h,)
         if spec.num_experts:
             moe = p + moe_prefix(spec)
@@ -125,11 +135,28 @@ def expected_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def _mla_shapes(spec: ModelSpec, p: str) -> dict[str, tuple[int, ...]]:
+    m, h, heads = spec.mla, spec.hidden_size, spec.num_attention_heads
+    return {
+        p + "self_attn.q_a_proj.weight": (m.q_lora_rank, h),
+        p + "self_attn.q_a_layernorm.weight": (m.q_lora_rank,),
+        p + "self_attn.q_b_proj.weight": (heads * m.qk_head_dim, m.q_lora_rank),
+        p + "self_attn.kv_a_proj_with_mqa.weight": (m.kv_lora_rank + m.qk_rope_head_dim, h),
+        p + "self_attn.kv_a_layernorm.weight": (m.kv_lora_rank,),
+        p + "self_attn.kv_b_proj.weight": (heads * (m.qk_nope_head_dim + m.v_head_dim), m.kv_lora_rank),
+        p + "self_attn.o_proj.weight": (h, heads * m.v_head_dim),
+    }
+
+
 def check_tensor_set(spec: ModelSpec, present: dict[str, tuple[int, ...]], where: str) -> list[str]:
     """Compare a checkpoint's tensors with what its config implies; return the canonical order.
 
     A tied model that still ships lm_head.weight is accepted (the head is then used as given).
     """
+    held = max((i for n in present if (i := layer_index(n)) is not None), default=-1) + 1
+    if spec.num_hidden_layers > held:  # before listing a (perhaps absurdly large) expected set
+        raise ConvertError(f"{where}: missing tensor 'model.layers.{held}.input_layernorm.weight' (config.json "
+                           f"num_hidden_layers is {spec.num_hidden_layers}, the weights hold {held} layers)")
     expected = expected_shapes(spec)
     if spec.tie_word_embeddings and "lm_head.weight" in present:
         expected["lm_head.weight"] = (spec.vocab_size, spec.hidden_size)

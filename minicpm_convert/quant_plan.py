@@ -66,7 +66,7 @@ def tensor_type(name: str, shape: tuple[int, ...], ft: FileType, n_layers: int, 
             new = T.Q8_0
         elif new != T.Q8_0:
             new = T.Q6_K
-    elif more_bits_file and name.endswith(("attn_v.weight", "ffn_down.weight", "ffn_down_exps.weight")) \
+    elif more_bits_file and name.endswith(("attn_v.weight", "attn_kv_b.weight", "ffn_down.weight", "ffn_down_exps.weight")) \
             and use_more_bits(layer, n_layers):
         new = T.Q6_K
     if n_expert == 8:  # "bumping this to Q8_0 trades just ~128MB" (llama_tensor_get_type_impl)

@@ -51,7 +51,7 @@ def rope_tables(spec: ModelSpec, positions: torch.Tensor) -> tuple[torch.Tensor,
     Dynamic NTK scaling (MiniCPM-2B-128k) changes nothing below max_position_embeddings, which
     verify enforces, so only LongRoPE alters the tables here.
     """
-    hd = spec.head_dim
+    hd = spec.rope_dim
     inv_freq = 1.0 / (spec.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
     t = positions.float()[:, None]
     scale = 1.0
@@ -84,6 +84,33 @@ def attention(spec: ModelSpec, h: torch.Tensor, wq, wk, wv, wo, cos, sin) -> tor
     scores = scores.masked_fill(mask, float("-inf"))
     out = torch.softmax(scores, dim=-1) @ v
     return out.transpose(0, 1).reshape(t, nh * hd) @ wo.T
+
+
+def causal_softmax_attention(q, k, v, scale: float) -> torch.Tensor:
+    """softmax(q k^T * scale) v over [heads, tokens, dim], causal; returns [tokens, heads * v_dim]."""
+    t = q.shape[1]
+    scores = (q @ k.transpose(1, 2)) * scale
+    scores = scores.masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf"))
+    return (torch.softmax(scores, dim=-1) @ v).transpose(0, 1).reshape(t, -1)
+
+
+def mla_attention(spec: ModelSpec, h: torch.Tensor, source: "WeightSource", p: str, cos, sin) -> torch.Tensor:
+    """MiniCPM3's multi-head latent attention: low-rank q and kv; RoPE on each head's rope part,
+    whose key part is one vector shared by all heads."""
+    m, t, nh = spec.mla, h.shape[0], spec.num_attention_heads
+    w = lambda name: source.read(p + f"self_attn.{name}.weight")  # noqa: E731
+    q = rms_norm(h @ w("q_a_proj").T, w("q_a_layernorm"), spec.rms_norm_eps) @ w("q_b_proj").T
+    q = q.view(t, nh, m.qk_head_dim).transpose(0, 1)
+    q_pass, q_rot = q.split([m.qk_nope_head_dim, m.qk_rope_head_dim], dim=-1)
+    kv_a = h @ w("kv_a_proj_with_mqa").T
+    kv_latent, k_rot = kv_a.split([m.kv_lora_rank, m.qk_rope_head_dim], dim=-1)
+    kv = rms_norm(kv_latent, w("kv_a_layernorm"), spec.rms_norm_eps) @ w("kv_b_proj").T
+    k_pass, v = kv.view(t, nh, m.qk_nope_head_dim + m.v_head_dim).transpose(0, 1).split(
+        [m.qk_nope_head_dim, m.v_head_dim], dim=-1)
+    q_rot, k_rot = apply_rope(q_rot, cos, sin), apply_rope(k_rot[None], cos, sin).expand(nh, t, -1)
+    out = causal_softmax_attention(torch.cat((q_pass, q_rot), -1), torch.cat((k_pass, k_rot), -1), v,
+                                   m.qk_head_dim ** -0.5)
+    return out @ w("o_proj").T
 
 
 def mlp(h: torch.Tensor, w_gate, w_up, w_down) -> torch.Tensor:
@@ -128,7 +155,10 @@ def forward(source: WeightSource, tokens: list[int]) -> torch.Tensor:
         for i in range(spec.num_hidden_layers):
             p = f"model.layers.{i}."
             x = rms_norm(h, source.read(p + "input_layernorm.weight"), spec.rms_norm_eps)
-            a = attention(spec, x, *(source.read(p + f"self_attn.{w}_proj.weight") for w in "qkvo"), cos, sin)
+            if spec.mla:
+                a = mla_attention(spec, x, source, p, cos, sin)
+            else:
+                a = attention(spec, x, *(source.read(p + f"self_attn.{w}_proj.weight") for w in "qkvo"), cos, sin)
             h = h + a * r
             x = rms_norm(h, source.read(p + "post_attention_layernorm.weight"), spec.rms_norm_eps)
             if spec.num_experts:

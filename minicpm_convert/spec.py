@@ -22,6 +22,21 @@ VARIANTS = {
 
 
 @dataclass(frozen=True)
+class MlaDims:
+    """MiniCPM3's attention: low-rank q and kv, each head split into a rope part and a plain part."""
+
+    q_lora_rank: int
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     """The hyper-parameters a conversion or a forward pass needs, validated."""
 
@@ -43,6 +58,7 @@ class ModelSpec:
     rope_scaling: dict | None = None
     num_experts: int = 0
     num_experts_per_tok: int = 0
+    mla: "MlaDims | None" = None  # MiniCPM3's multi-head latent attention
     bos_token_id: int | None = 1
     eos_token_id: int | list[int] | None = 2
     torch_dtype: str | None = None
@@ -52,6 +68,11 @@ class ModelSpec:
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
+
+    @property
+    def rope_dim(self) -> int:
+        """Dimensions RoPE rotates per head: all of them, or MLA's rope part."""
+        return self.mla.qk_rope_head_dim if self.mla else self.head_dim
 
     @property
     def residual_scale(self) -> float:
@@ -69,7 +90,7 @@ class ModelSpec:
 
     @property
     def is_mup(self) -> bool:
-        return self.model_type == "minicpm"
+        return self.model_type in ("minicpm", "minicpm3")
 
     @property
     def rope_type(self) -> str | None:
@@ -148,9 +169,16 @@ def spec_from_config(cfg: Any, where: str = "config.json") -> ModelSpec:
     if (hidden // heads) % 2:
         raise ConvertError(f"{where}: head dimension {hidden // heads} must be even for RoPE")
 
+    mla = None
+    if variant == "minicpm3":
+        mla = MlaDims(**{k: _get(cfg, k, int, where, positive=True) for k in
+                         ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim")},
+                      v_head_dim=_get(cfg, "v_head_dim", int, where, default=hidden // heads, positive=True))
+        if mla.qk_rope_head_dim % 2:
+            raise ConvertError(f"{where}: qk_rope_head_dim {mla.qk_rope_head_dim} must be even for RoPE")
     rope_scaling = _get(cfg, "rope_scaling", dict, where, default=None)
     if rope_scaling is not None and (rope_scaling.get("rope_type") or rope_scaling.get("type")) == "longrope":
-        _check_longrope(rope_scaling, hidden // heads, cfg, where)
+        _check_longrope(rope_scaling, mla.qk_rope_head_dim if mla else hidden // heads, cfg, where)
     common = dict(
         hidden_size=hidden,
         num_hidden_layers=layers,
@@ -171,6 +199,7 @@ def spec_from_config(cfg: Any, where: str = "config.json") -> ModelSpec:
         eos_token_id=_get(cfg, "eos_token_id", (int, list), where, default=None),
         torch_dtype=_get(cfg, "torch_dtype", str, where, default=None),
         variant=variant,
+        mla=mla,
         raw=cfg,
     )
     n_exp, top_k = common["num_experts"], common["num_experts_per_tok"]

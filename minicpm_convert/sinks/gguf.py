@@ -1,4 +1,5 @@
-"""GGUF for llama.cpp: arch `minicpm` (scales as metadata) or `llama` (scales folded in).
+"""GGUF for llama.cpp: arch `minicpm` (scales as metadata), `llama` (scales folded in), or
+`minicpm3` for MiniCPM3's MLA attention.
 
 Tensors are written in llama-quantize's order with llama-quantize's type plan, each read,
 permuted, quantized and written in row chunks, so memory stays at one chunk of one tensor.
@@ -88,7 +89,12 @@ def add_metadata(w: GGUFWriter, ckpt: Checkpoint, arch: str, ft: FileType, sourc
     w.add_head_count_kv(spec.num_key_value_heads)
     w.add_layer_norm_rms_eps(spec.rms_norm_eps)
     w.add_rope_freq_base(spec.rope_theta)
-    w.add_rope_dimension_count(spec.head_dim)
+    w.add_rope_dimension_count(spec.rope_dim)
+    if spec.mla:  # as llama.cpp's converter writes MiniCPM3; its graph hard-codes the muP scalars
+        w.add_q_lora_rank(spec.mla.q_lora_rank)
+        w.add_kv_lora_rank(spec.mla.kv_lora_rank)
+        w.add_key_length(spec.mla.qk_head_dim)
+        w.add_value_length(spec.mla.v_head_dim)
     if spec.rope_type == "longrope":
         from gguf import RopeScalingType
         w.add_rope_scaling_type(RopeScalingType.LONGROPE)
@@ -122,6 +128,8 @@ def row_bytes(qtype: T, ncols: int) -> int:
 def write_gguf(ckpt: Checkpoint, out: Path, ft: FileType, arch: str, source: str, *, quiet: bool = False) -> dict[str, T]:
     """Write the GGUF file at `out`; return the type chosen for each tensor."""
     spec = ckpt.spec
+    if spec.mla:
+        arch = "minicpm3"  # MLA has its own llama.cpp architecture (the CLI refuses --arch llama)
     jobs = gguf_jobs(ckpt, arch)
     tied = not any(name == "output.weight" for name, _ in jobs)
     plan = {name: tensor_type(name, job.shape, ft, spec.num_hidden_layers, tied, spec.num_experts)
