@@ -36,8 +36,10 @@ def describe(path: str, console: Console) -> None:
     if p.is_file() and is_gguf(p):
         return _describe_gguf(p, console)
     from .checkpoint import Checkpoint
+    from .int4_source import Int4Source, is_int4_folder
 
-    ckpt = Checkpoint.open(path)
+    # An INT4 export holds packed tensors, not the dense set its config implies: validate it as INT4.
+    ckpt = Int4Source(p).ckpt if p.is_dir() and is_int4_folder(p) else Checkpoint.open(path)
     spec = ckpt.spec
     params = sum(_numel(ckpt.shape(n)) for n in ckpt.names())
     console.print(f"[bold]{ckpt.folder}[/]")
@@ -56,7 +58,8 @@ def describe(path: str, console: Console) -> None:
     console.print(f"rope theta {spec.rope_theta:g}, scaling {spec.rope_scaling}, max positions "
                   f"{spec.max_position_embeddings}, rms eps {spec.rms_norm_eps:g}")
     console.print(f"weights: {', '.join(f.name for f in ckpt.weight_files)}")
-    console.print(f"{len(ckpt.names())} tensors, {params:,} parameters ({params / 1e9:.3f} B)")
+    what = "stored values (4-bit weights packed 8 per int32)" if quant else "parameters"
+    console.print(f"{len(ckpt.names())} tensors, {params:,} {what} ({params / 1e9:.3f} B)")
     rows = [(n, ckpt.shape(n), str(ckpt.dtype(n)).removeprefix("torch.")) for n in ckpt.names()]
     console.print(_tensor_table(rows))
 

@@ -106,3 +106,10 @@ def test_deterministic_outputs(tmp_path, fixture_path):
         assert run_cli("to-gguf", fixture_path("odd"), dest, "--quant", "q4_K_M", "-q")[0] == 0
         digests.append(hashlib.sha256(dest.read_bytes()).hexdigest())
     assert digests[0] == digests[1]
+
+
+def test_inspect_int4_export(tmp_path, fixture_path):
+    assert run_cli("to-int4", fixture_path("tiny"), tmp_path / "q", "-q")[0] == 0
+    code, out, err = run_cli("inspect", tmp_path / "q")
+    assert code == 0, err
+    assert "quantization: gptq" in out and "qweight" in out
