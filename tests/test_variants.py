@@ -45,6 +45,8 @@ def test_128k_llama_format_keeps_dynamic_scaling_and_matches(minicpm_2b_128k, tm
         got = model(torch.tensor([tokens])).logits[0]
     m = compare(reference.forward(src, tokens), got)
     assert m["rel_err"] < 1e-4 and m["top1"] == 1.0, m
+    assert run_cli("to-int4", minicpm_2b_128k, tmp_path / "int4", "-q")[0] == 0
+    assert run_cli("verify", minicpm_2b_128k, out, tmp_path / "int4")[0] == 0
 
 
 def test_128k_gguf_warns_and_llama_cpp_matches(minicpm_2b_128k, tmp_path):
@@ -62,8 +64,6 @@ def test_128k_gguf_warns_and_llama_cpp_matches(minicpm_2b_128k, tmp_path):
 @pytest.mark.parametrize("changes,command,reason", [
     ({"hidden_act": "fatrelu"}, "to-llama", "FATReLU activation has no Llama or llama.cpp equivalent"),
     ({"hidden_act": "fatrelu"}, "to-gguf", "FATReLU activation has no Llama or llama.cpp equivalent"),
-    ({"model_type": "minicpm3", "architectures": ["MiniCPM3ForCausalLM"]}, "to-llama",
-     "MLA attention has no Llama equivalent"),
     ({"rope_scaling": {"rope_type": "longrope", "short_factor": [1.0] * 32, "long_factor": [1.0] * 32,
                        "original_max_position_embeddings": 1024}}, "to-gguf", "attention scale that llama.cpp does not apply"),
 ])
@@ -119,6 +119,18 @@ def test_minicpm4_llama_format_matches_in_transformers(minicpm4, tmp_path):
     m = compare(reference.forward(src, tokens), got)
     assert m["rel_err"] < 1e-4 and m["top1"] == 1.0, m
     assert run_cli("verify", minicpm4, out)[0] == 0
+
+
+def test_minicpm4_int4_verifies(minicpm4, tmp_path):
+    """INT4 keeps the LongRoPE config. (dim_model_base is restored to the fixture's 64: without it the
+    logits of these random weights are 4x sharper and 4-bit noise alone exceeds the INT4 bound.)"""
+    cfg = json.loads((minicpm4 / "config.json").read_text())
+    cfg["dim_model_base"] = 64
+    (minicpm4 / "config.json").write_text(json.dumps(cfg))
+    assert run_cli("to-int4", minicpm4, tmp_path / "int4", "--format", "compressed-tensors", "-q")[0] == 0
+    assert json.loads((tmp_path / "int4" / "config.json").read_text())["rope_scaling"]["rope_type"] == "longrope"
+    code, out, err = run_cli("verify", minicpm4, tmp_path / "int4")
+    assert code == 0, out + err
 
 
 def test_longrope_changes_the_logits(minicpm4):
@@ -186,5 +198,7 @@ def test_minicpm_1b_all_commands(minicpm_1b, tmp_path):
     assert tensors(tmp_path / "q4_K_M.gguf") == tensors(tmp_path / "theirs.gguf")
     m = compare(ref, client.logits(tmp_path / "f32.gguf", tokens))
     assert m["rel_err"] < 2e-3 and m["top1"] == 1.0, m
-    code, out, err = run_cli("verify", minicpm_1b, tmp_path / "llama", tmp_path / "f32.gguf", tmp_path / "q4_K_M.gguf")
+    assert run_cli("to-int4", minicpm_1b, tmp_path / "int4", "--group-size", "64", "-q")[0] == 0
+    code, out, err = run_cli("verify", minicpm_1b, tmp_path / "llama", tmp_path / "f32.gguf", tmp_path / "q4_K_M.gguf",
+                             tmp_path / "int4")
     assert code == 0, out + err
