@@ -34,8 +34,11 @@ demo: fixtures
 		minicpm-convert to-gguf fixtures/build/tiny $(DEMO)/tiny-$$q.gguf --quant $$q --force || exit 1; \
 	done
 	minicpm-convert to-gguf fixtures/build/tiny $(DEMO)/tiny-llama-q4_K_M.gguf --quant q4_K_M --arch llama --force
+	minicpm-convert to-int4 fixtures/build/tiny $(DEMO)/tiny-int4-gptq --force
+	minicpm-convert to-int4 fixtures/build/tiny $(DEMO)/tiny-int4-ct --format compressed-tensors --force
 	minicpm-convert verify fixtures/build/tiny $(DEMO)/tiny-llama $(DEMO)/tiny-llama-f32 \
-		$(foreach q,$(QUANTS),$(DEMO)/tiny-$(q).gguf) $(DEMO)/tiny-llama-q4_K_M.gguf --json $(DEMO)/parity.json
+		$(foreach q,$(QUANTS),$(DEMO)/tiny-$(q).gguf) $(DEMO)/tiny-llama-q4_K_M.gguf \
+		$(DEMO)/tiny-int4-gptq $(DEMO)/tiny-int4-ct --json $(DEMO)/parity.json
 
 test: $(STAMP)/install-test
 	$(PYTHON) -m pytest -q
