@@ -83,6 +83,9 @@ class Checkpoint:
         self.weight_files = self._open_weights()
         self.order = (tensor_names.check_tensor_set(self.spec, self._shapes, str(self.folder))
                       if validate else list(self._shapes))
+        if validate:
+            from .tokenizer import check_tokenizer
+            check_tokenizer(self.folder, self.spec.vocab_size)
 
     @classmethod
     def open(cls, source: str | Path, **kwargs) -> "Checkpoint":
@@ -168,7 +171,12 @@ class Checkpoint:
 
     def read(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """Rows [start, stop) in float32, checked for NaN/Inf (the `WeightSource` interface)."""
-        t = self.get(name)[start:stop].to(torch.float32)
+        holder = self._where[name]
+        if isinstance(holder, SafetensorsFile) and hasattr(os, "preadv"):
+            t = holder.read_rows(name, start, stop)  # read, not mapped: no file pages stay resident
+        else:
+            t = self.get(name)[start:stop]
+        t = t.to(torch.float32)
         check_finite(name, t, self.folder)
         return t
 
@@ -203,11 +211,11 @@ def load_pytorch_bin(file: Path) -> dict[str, torch.Tensor]:
                 raise
             state = torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsafe pickle"
-        raise ConvertError(f"{file}: refused to load: the pickle needs more than plain tensors "
-                           f"(would run code; {first[:160]})") from None
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        what = f"it calls {found.group(1)}" if found else "it holds more than plain tensors"
+        raise ConvertError(f"{file}: refused to load: {what}, which would run code when unpickled") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = str(exc).strip().splitlines()[0].split(". ")[0] if str(exc).strip() else type(exc).__name__
         raise ConvertError(f"{file}: not a readable PyTorch checkpoint ({first[:160]})") from None
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                               for k, v in state.items()):

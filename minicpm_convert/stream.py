@@ -9,8 +9,11 @@ of its rows in float32. Nothing is read until a sink asks, and a sink asks for r
 
 from __future__ import annotations
 
+import os
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator, TypeVar
 
 import torch
 
@@ -20,6 +23,53 @@ from .spec import ModelSpec
 
 # Rows per read are chosen so a chunk holds about this many float32 values (64 MB).
 CHUNK_VALUES = 16 * 1024 * 1024
+# Chunks handed to worker threads: small enough that a few in flight stay far below 1 GB and
+# every core has work until the end of a tensor, large enough that per-chunk overhead vanishes.
+PARALLEL_CHUNK_VALUES = 4 * 1024 * 1024
+
+_In = TypeVar("_In")
+_Out = TypeVar("_Out")
+
+
+def worker_threads() -> int:
+    """Threads for chunk work: MINICPM_CONVERT_THREADS, else the CPUs this process may use."""
+    env = os.environ.get("MINICPM_CONVERT_THREADS", "").strip()
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def ordered_map(fn: Callable[[_In], _Out], items: Iterable[_In], threads: int | None = None,
+                ahead: int | None = None) -> Iterator[_Out]:
+    """fn over items on a thread pool, results yielded in the items' order.
+
+    At most `ahead` results (default threads + 1) are pending, so memory stays bounded; the
+    output never depends on the thread count (every item is computed the same way, and the
+    consumer sees them in order). With one thread everything runs inline, in the caller's thread.
+    The heavy work (file reads, torch casts, NumPy ops, the compiled quantizers) releases the GIL.
+    """
+    threads = worker_threads() if threads is None else max(1, threads)
+    if threads == 1:
+        for item in items:
+            yield fn(item)
+        return
+    ahead = threads + 1 if ahead is None else max(1, ahead)
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="minicpm-convert")
+    pending: deque = deque()
+    try:
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= ahead:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        for f in pending:
+            f.cancel()
+        pool.shutdown(wait=True)
 
 
 @dataclass(frozen=True)

@@ -205,10 +205,264 @@ static void block_qk_asym(const float *x, int nmax, float rmin, float rdelta, in
     }
 }
 
+/* The same as block_qk_asym, computed lane-major: the 8 groups of a super-block are 8 lanes
+ * that run the search side by side (each lane keeps its own sequential sums, so the result is
+ * the scalar one; the compiler turns every `for k < 8` loop into one vector operation).  Only
+ * the winning inverse scale and minimum are kept; levels are recomputed at the end. */
+#define NL 8
+static inline int bits_round(float v) {
+    union { float f; int32_t i; } u;
+    u.f = v + 12582912.0f;
+    return (u.i & 0x007FFFFF) - 0x00400000;
+}
+
+#if defined(__GNUC__) && !defined(__clang__) && (defined(__x86_64__) || defined(__i386__))
+#define LANES_ATTR __attribute__((target_clones("avx2", "default"), optimize("O3")))
+#else
+#define LANES_ATTR
+#endif
+
+typedef float v8f __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+
+static inline v8f vsel(v8i m, v8f a, v8f b) { return (v8f)(((v8i)a & m) | ((v8i)b & ~m)); }
+static inline v8f vsplat(float f) { return (v8f){f, f, f, f, f, f, f, f}; }
+static inline v8i vsplati(int v) { return (v8i){v, v, v, v, v, v, v, v}; }
+
+/* MAX(0, MIN(nmax, nearest_int(v))) as float, per lane */
+static inline v8f vlevel(v8f v, v8i vnmax) {
+    v8i i = (v8i)(v + vsplat(12582912.0f));
+    i = (i & vsplati(0x007FFFFF)) - vsplati(0x00400000);
+    i = i & ~(i < vsplati(0));
+    v8i over = i > vnmax;
+    i = (i & ~over) | (vnmax & over);
+    return __builtin_convertvector(i, v8f);
+}
+
+LANES_ATTR
+static void block_qk_lanes(const float *x, int nmax, float rmin, float rdelta, int nstep,
+                           uint8_t *d_out, uint8_t *dmin_out, uint8_t scales_out[12], uint8_t L[QK_K]) {
+    v8f X[32], W[32], T[32];
+    const v8i vnmax = vsplati(nmax);
+    const v8f zero = vsplat(0.0f), one = vsplat(1.0f);
+    const v8i absmask = vsplati(0x7FFFFFFF);
+    for (int i = 0; i < 32; ++i)
+        for (int k = 0; k < NL; ++k) X[i][k] = x[32 * k + i];
+    v8f s2 = zero;
+    for (int i = 0; i < 32; ++i) s2 += X[i] * X[i];
+    v8f av;
+    for (int k = 0; k < NL; ++k) av[k] = sqrtf(s2[k] / 32);
+    for (int i = 0; i < 32; ++i) W[i] = av + (v8f)((v8i)X[i] & absmask);
+    v8f lo = X[0], hi = X[0], sw = W[0];
+    v8f swx = sw * X[0];
+    for (int i = 1; i < 32; ++i) {
+        lo = vsel(X[i] < lo, X[i], lo);
+        hi = vsel(X[i] > hi, X[i], hi);
+        sw += W[i];
+        swx += W[i] * X[i];
+    }
+    lo = vsel(lo > zero, zero, lo);
+    const v8i early = hi == lo;
+    const v8f lo0 = lo;
+    v8f den = vsel(early, one, hi - lo);
+    v8f inv = vsplat((float)nmax) / den;
+    v8f scale = one / inv;
+    v8f best = zero;
+    v8f l_inv = inv, l_lo = lo;
+    for (int i = 0; i < 32; ++i) {
+        v8f e = scale * vlevel(inv * (X[i] - lo), vnmax) + lo - X[i];
+        e = e * e;
+        best += W[i] * e;
+    }
+    for (int step = 0; step <= nstep; ++step) {
+        const float num = rmin + rdelta * (float)step + (float)nmax;
+        inv = vsplat(num) / den;
+        v8f s_l = zero, s_l2 = zero, s_xl = zero, err = zero;
+        for (int i = 0; i < 32; ++i) {
+            const v8f fl = vlevel(inv * (X[i] - lo), vnmax);
+            const v8f wl = W[i] * fl;
+            T[i] = fl;
+            s_l += wl;
+            s_l2 += wl * fl;
+            s_xl += wl * X[i];
+        }
+        const v8f det = sw * s_l2 - s_l * s_l;
+        const v8f a = (sw * s_xl - swx * s_l) / det;
+        const v8f b = (s_l2 * swx - s_l * s_xl) / det;
+        const v8i pos = b > zero;
+        const v8f sc = vsel(pos, s_xl / s_l2, a);
+        const v8f mn = vsel(pos, zero, b);
+        for (int i = 0; i < 32; ++i) {
+            v8f e = sc * T[i] + mn - X[i];
+            e = e * e;
+            err += W[i] * e;
+        }
+        const v8i better = (det > zero) & (err < best) & ~early;
+        best = vsel(better, err, best);
+        scale = vsel(better, sc, scale);
+        l_inv = vsel(better, inv, l_inv);
+        l_lo = vsel(better, lo, l_lo);
+        lo = vsel(better, mn, lo);
+        den = vsel(better, hi - mn, den);
+    }
+    float scs[NL], mins[NL];
+    float max_scale = 0, max_min = 0;
+    for (int k = 0; k < NL; ++k) {
+        scs[k] = early[k] ? 0.0f : scale[k];
+        mins[k] = early[k] ? -lo0[k] : -lo[k];
+        if (scs[k] > max_scale) max_scale = scs[k];
+        if (mins[k] > max_min) max_min = mins[k];
+    }
+    const float inv_scale = max_scale > 0 ? 63.0f / max_scale : 0.0f;
+    const float inv_min = max_min > 0 ? 63.0f / max_min : 0.0f;
+    uint8_t ls[NL], lm[NL];
+    for (int j = 0; j < NL; ++j) {
+        uint8_t a = (uint8_t)round_magic(inv_scale * scs[j]);
+        uint8_t b = (uint8_t)round_magic(inv_min * mins[j]);
+        ls[j] = a < 63 ? a : 63;
+        lm[j] = b < 63 ? b : 63;
+    }
+    for (int j = 0; j < 4; ++j) {
+        scales_out[j] = (uint8_t)(ls[j] | ((ls[j + 4] >> 4) << 6));
+        scales_out[j + 4] = (uint8_t)(lm[j] | ((lm[j + 4] >> 4) << 6));
+        scales_out[j + 8] = (uint8_t)((ls[j + 4] & 0x0F) | ((lm[j + 4] & 0x0F) << 4));
+    }
+    put_half(d_out, max_scale / 63.0f);
+    put_half(dmin_out, max_min / 63.0f);
+    const float dd = get_half(d_out);
+    const float dm_ = get_half(dmin_out);
+    v8f d, dm;
+    for (int k = 0; k < NL; ++k) {
+        d[k] = dd * (float)ls[k];
+        dm[k] = dm_ * (float)lm[k];
+    }
+    const v8i has_d = d != zero;
+    d = vsel(has_d, d, one);
+    for (int i = 0; i < 32; ++i) {
+        const v8f a = vlevel((X[i] + dm) / d, vnmax);
+        const v8f b = vsel(early, zero, vlevel(l_inv * (X[i] - l_lo), vnmax));
+        T[i] = vsel(has_d, a, b);
+    }
+    for (int k = 0; k < NL; ++k)
+        for (int i = 0; i < 32; ++i) L[32 * k + i] = (uint8_t)T[i][k];
+}
+
+/* MAX(lo, MIN(hi, nearest_int(v))) as int, per lane */
+static inline v8i vround_clamp(v8f v, v8i vlo, v8i vhi) {
+    v8i i = (v8i)(v + vsplat(12582912.0f));
+    i = (i & vsplati(0x007FFFFF)) - vsplati(0x00400000);
+    v8i under = i < vlo;
+    i = (i & ~under) | (vlo & under);
+    v8i over = i > vhi;
+    return (i & ~over) | (vhi & over);
+}
+
+/* search_scale_sym for 8 groups of 16 at once (lane k = group k of g[16*k ..]); levels in L. */
+LANES_ATTR
+static void sym16_lanes(const float *g, float *scale_out, int8_t *L) {
+    const int nmax = 32;
+    v8f X[16], Wt[16], WX[16];
+    const v8f zero = vsplat(0.0f), one = vsplat(1.0f);
+    const v8i vlo = vsplati(-nmax), vhi = vsplati(nmax - 1);
+    const v8i absmask = vsplati(0x7FFFFFFF);
+    for (int i = 0; i < 16; ++i)
+        for (int k = 0; k < NL; ++k) X[i][k] = g[16 * k + i];
+    v8f amax = zero, maxv = zero;
+    for (int i = 0; i < 16; ++i) {
+        const v8f a = (v8f)((v8i)X[i] & absmask);
+        const v8i m = a > amax;
+        amax = vsel(m, a, amax);
+        maxv = vsel(m, X[i], maxv);
+        Wt[i] = X[i] * X[i];
+        WX[i] = Wt[i] * X[i];
+    }
+    const v8i zero_lane = amax < vsplat(EPS_GROUP_MAX);
+    maxv = vsel(zero_lane, one, maxv);
+    v8f inv = vsplat(-(float)nmax) / maxv;
+    v8f sxl = zero, sl2 = zero;
+    for (int i = 0; i < 16; ++i) {
+        const v8f fl = __builtin_convertvector(vround_clamp(inv * X[i], vlo, vhi), v8f);
+        sxl += WX[i] * fl;
+        sl2 += Wt[i] * fl * fl;
+    }
+    v8f scale = vsel(sl2 != zero, sxl / sl2, zero);
+    v8f best = scale * sxl;
+    v8f l_inv = inv;
+    for (int step = -9; step <= 9; ++step) {
+        if (step == 0) continue;
+        inv = vsplat(-((float)nmax + 0.1f * (float)step)) / maxv;
+        sxl = zero;
+        sl2 = zero;
+        for (int i = 0; i < 16; ++i) {
+            const v8f fl = __builtin_convertvector(vround_clamp(inv * X[i], vlo, vhi), v8f);
+            sxl += WX[i] * fl;
+            sl2 += Wt[i] * fl * fl;
+        }
+        const v8i better = (sl2 > zero) & (sxl * sxl > best * sl2);
+        scale = vsel(better, sxl / sl2, scale);
+        best = vsel(better, scale * sxl, best);
+        l_inv = vsel(better, inv, l_inv);
+    }
+    scale = vsel(zero_lane, zero, scale);
+    for (int i = 0; i < 16; ++i) {
+        v8i l = vround_clamp(l_inv * X[i], vlo, vhi) + vsplati(nmax);
+        l = l & ~zero_lane;
+        for (int k = 0; k < NL; ++k) L[16 * k + i] = (int8_t)l[k];
+    }
+    for (int k = 0; k < NL; ++k) scale_out[k] = scale[k];
+}
+
+static void quantize_q6_k_lanes(const float *x, uint8_t *y, int64_t nb) {
+    int8_t L[QK_K];
+    float sc[16];
+    for (int64_t b = 0; b < nb; ++b, x += QK_K, y += 210) {
+        sym16_lanes(x, sc, L);
+        sym16_lanes(x + 128, sc + 8, L + 128);
+        float max_abs = 0, max_sc = 0;
+        for (int g = 0; g < 16; ++g) {
+            const float a = fabsf(sc[g]);
+            if (a > max_abs) { max_abs = a; max_sc = sc[g]; }
+        }
+        if (max_abs < EPS_GROUP_MAX) {
+            memset(y, 0, 210);
+            continue;
+        }
+        const float inv = -128.0f / max_sc;
+        uint8_t *ql = y, *qh = y + 128;
+        int8_t *scales = (int8_t *)(y + 192);
+        put_half(y + 208, 1 / inv);
+        const float d0 = get_half(y + 208);
+        for (int g = 0; g < 16; ++g) {
+            const int v = round_magic(inv * sc[g]);
+            scales[g] = (int8_t)(v < 127 ? v : 127);
+        }
+        for (int g = 0; g < 16; ++g) {
+            const float d = d0 * (float)scales[g];
+            if (!d) continue;
+            for (int i = 0; i < 16; ++i) {
+                L[16 * g + i] = (int8_t)(clampi(round_magic(x[16 * g + i] / d), -32, 31) + 32);
+            }
+        }
+        for (int h = 0; h < 2; ++h) {
+            const int8_t *Lh = L + 128 * h;
+            for (int l = 0; l < 32; ++l) {
+                const uint8_t a = (uint8_t)Lh[l], c = (uint8_t)Lh[l + 32];
+                const uint8_t e = (uint8_t)Lh[l + 64], f = (uint8_t)Lh[l + 96];
+                ql[64 * h + l] = (uint8_t)((a & 0x0F) | ((e & 0x0F) << 4));
+                ql[64 * h + 32 + l] = (uint8_t)((c & 0x0F) | ((f & 0x0F) << 4));
+                qh[32 * h + l] = (uint8_t)((a >> 4) | ((c >> 4) << 2) | ((e >> 4) << 4) | ((f >> 4) << 6));
+            }
+        }
+    }
+}
+
+static int use_lanes = 1;
+
 static void quantize_q4_k(const float *x, uint8_t *y, int64_t nb) {
     uint8_t L[QK_K];
     for (int64_t b = 0; b < nb; ++b, x += QK_K, y += 144) {
-        block_qk_asym(x, 15, -1.0f, 0.1f, 20, y, y + 2, y + 4, L);
+        if (use_lanes) block_qk_lanes(x, 15, -1.0f, 0.1f, 20, y, y + 2, y + 4, L);
+        else block_qk_asym(x, 15, -1.0f, 0.1f, 20, y, y + 2, y + 4, L);
         uint8_t *qs = y + 16;
         for (int g = 0; g < 4; ++g) {
             for (int l = 0; l < 32; ++l) qs[32 * g + l] = (uint8_t)(L[64 * g + l] | (L[64 * g + 32 + l] << 4));
@@ -219,7 +473,8 @@ static void quantize_q4_k(const float *x, uint8_t *y, int64_t nb) {
 static void quantize_q5_k(const float *x, uint8_t *y, int64_t nb) {
     uint8_t L[QK_K];
     for (int64_t b = 0; b < nb; ++b, x += QK_K, y += 176) {
-        block_qk_asym(x, 31, -0.5f, 0.1f, 15, y, y + 2, y + 4, L);
+        if (use_lanes) block_qk_lanes(x, 31, -0.5f, 0.1f, 15, y, y + 2, y + 4, L);
+        else block_qk_asym(x, 31, -0.5f, 0.1f, 15, y, y + 2, y + 4, L);
         uint8_t *qh = y + 16;
         uint8_t *qs = y + 48;
         memset(qh, 0, 32);
@@ -368,7 +623,9 @@ static PyObject *run_kernel(PyObject *args, kernel_fn fn, Py_ssize_t block, Py_s
 
 static PyObject *py_q4_k(PyObject *self, PyObject *args) { return run_kernel(args, quantize_q4_k, QK_K, 144); }
 static PyObject *py_q5_k(PyObject *self, PyObject *args) { return run_kernel(args, quantize_q5_k, QK_K, 176); }
-static PyObject *py_q6_k(PyObject *self, PyObject *args) { return run_kernel(args, quantize_q6_k, QK_K, 210); }
+static PyObject *py_q6_k(PyObject *self, PyObject *args) {
+    return run_kernel(args, use_lanes ? quantize_q6_k_lanes : quantize_q6_k, QK_K, 210);
+}
 static PyObject *py_q8_0(PyObject *self, PyObject *args) { return run_kernel(args, quantize_q8_0, 32, 34); }
 
 static void f32_to_f16(const float *x, uint8_t *y, int64_t n) {
@@ -378,7 +635,13 @@ static void f32_to_f16(const float *x, uint8_t *y, int64_t n) {
 
 static PyObject *py_f16(PyObject *self, PyObject *args) { return run_kernel(args, f32_to_f16, 1, 2); }
 
+static PyObject *py_set_lanes(PyObject *self, PyObject *arg) {
+    use_lanes = PyObject_IsTrue(arg);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
+    {"_set_lanes", py_set_lanes, METH_O, "Test hook: lane-major (vector) kernels on or off."},
     {"q4_k", py_q4_k, METH_VARARGS, "q4_k(src_f32, dst_u8): Q4_K blocks of src into dst (GIL released)."},
     {"q5_k", py_q5_k, METH_VARARGS, "q5_k(src_f32, dst_u8): Q5_K blocks of src into dst (GIL released)."},
     {"q6_k", py_q6_k, METH_VARARGS, "q6_k(src_f32, dst_u8): Q6_K blocks of src into dst (GIL released)."},

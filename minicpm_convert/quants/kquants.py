@@ -27,7 +27,14 @@ Inputs are expected to be finite; NaN/inf inputs are not guaranteed to match C's
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
+
+try:  # the compiled kernels (setup.py builds them when a C compiler is present)
+    from . import _kquants as _compiled
+except ImportError:  # pragma: no cover - depends on the install
+    _compiled = None
 
 __all__ = ["QK_K", "quantize_q4_k", "quantize_q5_k", "quantize_q6_k"]
 
@@ -46,6 +53,17 @@ _CHUNK_BLOCKS = {"q4_k": 1024, "q5_k": 1024, "q6_k": 1024}
 
 # Test hook: evaluate nearest_int with the bit trick everywhere (the slow, always-exact path).
 _force_exact_rounding = False
+
+# Use the compiled kernels when built (same bytes, ~20x faster); MINICPM_CONVERT_NO_C=1 or
+# setting this to False selects the NumPy port, which stays the oracle in the tests.
+use_compiled = _compiled is not None and not os.environ.get("MINICPM_CONVERT_NO_C")
+
+
+def compiled_kernel(name: str):
+    """The compiled quantizer ``name`` (q4_k, q5_k, q6_k, q8_0, f16) if in use, else None."""
+    if not use_compiled or _force_exact_rounding or _compiled is None:
+        return None
+    return getattr(_compiled, name, None)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -116,6 +134,10 @@ def _chunked(x: np.ndarray, type_size: int, chunk_blocks: int, fn, name: str) ->
     blocks = rows.reshape(rows.size // QK_K, QK_K)
     nb = blocks.shape[0]
     out = np.empty((nb, type_size), dtype=np.uint8)
+    kernel = compiled_kernel(name.lower())
+    if kernel is not None:
+        kernel(blocks, out)  # releases the GIL
+        return out.reshape(*shape[:-1], shape[-1] // QK_K * type_size)
     with np.errstate(all="ignore"):
         for s in range(0, nb, chunk_blocks):
             e = min(nb, s + chunk_blocks)

@@ -11,7 +11,7 @@ import torch
 from ..checkpoint import Checkpoint
 from ..progress import progress_bar
 from ..safetensors_file import safetensors_header, write_tensor
-from ..stream import TensorJob, llama_config
+from ..stream import PARALLEL_CHUNK_VALUES, TensorJob, llama_config, ordered_map
 
 ELEMENT_SIZE = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
 
@@ -31,25 +31,31 @@ def plan_shards(jobs: list[TensorJob], dtype: torch.dtype, shard_bytes: int) -> 
 
 
 def write_safetensors_shards(out: Path, jobs: list[TensorJob], dtype: torch.dtype, shard_bytes: int,
-                             *, quiet: bool = False, label: str = "to-llama") -> None:
+                             *, quiet: bool = False, label: str = "to-llama", threads: int | None = None) -> None:
     """Stream jobs, cast to `dtype`, into model-0000i-of-0000n.safetensors plus the index."""
     shards = plan_shards(jobs, dtype, shard_bytes)
     n = len(shards)
     weight_map: dict[str, str] = {}
     total = 0
     total_in = sum(j.rows * j.row_values * ELEMENT_SIZE[dtype] for j in jobs)
+    def cast(item: tuple[TensorJob, int, int]) -> torch.Tensor:  # runs on a worker thread
+        job, start, stop = item
+        return job.read(start, stop).to(dtype)
+
     with progress_bar(label, total_in, len(jobs), quiet=quiet) as advance:
         for i, shard in enumerate(shards, 1):
             fname = f"model-{i:05d}-of-{n:05d}.safetensors"
             entries = [(j.name, dtype, j.shape) for j in shard]
+            items = [(job, start, stop) for job in shard for start, stop in job.chunks(PARALLEL_CHUNK_VALUES)]
             with open(out / fname, "wb") as f:
                 f.write(safetensors_header(entries))
+                # Worker threads read and cast the next chunks while this one writes, in order.
+                for (job, _, stop), rows in zip(items, ordered_map(cast, items, threads)):
+                    write_tensor(f, rows)
+                    advance(rows.numel() * ELEMENT_SIZE[dtype], "")
+                    if stop == job.rows:
+                        advance(0, job.name)
                 for job in shard:
-                    for start, stop in job.chunks():
-                        rows = job.read(start, stop).to(dtype)
-                        write_tensor(f, rows)
-                        advance(rows.numel() * ELEMENT_SIZE[dtype], "")
-                    advance(0, job.name)
                     weight_map[job.name] = fname
                     total += job.rows * job.row_values * ELEMENT_SIZE[dtype]
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
