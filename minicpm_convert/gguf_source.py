@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 from pathlib import Path
 
 import numpy as np
@@ -170,6 +171,19 @@ class GgufSource:
         return tuple(int(d) for d in reversed(self._by_hf[name].shape.tolist()))
 
     def read(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        try:
+            return self._read(name, start, stop)
+        finally:
+            self._release_pages()
+
+    def _release_pages(self) -> None:
+        """Drop the mapped file's pages from our resident set (they stay in the page cache): what
+        was read has been decoded into fresh memory, so RSS stays at one tensor, not the file."""
+        mapping = getattr(self.reader.data, "_mmap", None)
+        if mapping is not None and hasattr(mapping, "madvise"):
+            mapping.madvise(mmap.MADV_DONTNEED)
+
+    def _read(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
         name = name.replace(".block_sparse_moe.", ".mlp.")
         found = self._expert(name)
         if found is not None:  # one expert's slice of a stacked [n_expert, rows, cols] tensor
