@@ -127,7 +127,7 @@ def _kind_name(kinds: tuple) -> str:
     return " or ".join(names.get(k, k.__name__) for k in kinds)
 
 
-def detect_variant(cfg: dict) -> str:
+def detect_variant(cfg: dict, where: str = "config.json") -> str:
     model_type = cfg.get("model_type")
     archs = cfg.get("architectures") or []
     if model_type == "minicpm3" or "MiniCPM3ForCausalLM" in archs:
@@ -144,7 +144,7 @@ def detect_variant(cfg: dict) -> str:
             return "minicpm-longrope"
         return "minicpm"
     raise ConvertError(
-        f"config.json: unknown model_type {model_type!r} (supported: 'minicpm', 'llama', 'mixtral')"
+        f"{where}: unknown model_type {model_type!r} (supported: 'minicpm', 'llama', 'mixtral')"
     )
 
 
@@ -152,7 +152,7 @@ def spec_from_config(cfg: Any, where: str = "config.json") -> ModelSpec:
     """Validate a parsed config.json and build the spec; every problem is one ConvertError line."""
     if not isinstance(cfg, dict):
         raise ConvertError(f"{where}: expected a JSON object at the top level")
-    variant = detect_variant(cfg)
+    variant = detect_variant(cfg, where)
     model_type = "llama" if variant == "llama" else ("minicpm3" if variant == "minicpm3" else "minicpm")
 
     hidden = _get(cfg, "hidden_size", int, where, positive=True)

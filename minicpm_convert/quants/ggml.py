@@ -129,7 +129,10 @@ SUPPORTED = frozenset(_QUANTIZERS)
 
 
 def quantize(x: np.ndarray, qtype: QT) -> np.ndarray:
-    """Quantize float32 ``[..., n]`` to ``qtype`` exactly as llama.cpp (no imatrix) does."""
+    """Quantize float32 ``[..., n]`` to ``qtype`` exactly as llama.cpp (no imatrix) does.
+
+    Raises ValueError on NaN or Inf input to a block format (llama.cpp would write garbage
+    blocks); F32/F16/BF16 convert them bit for bit as ggml does."""
     qtype = QT(qtype)
     fn = _QUANTIZERS.get(qtype)
     if fn is None:
@@ -137,6 +140,11 @@ def quantize(x: np.ndarray, qtype: QT) -> np.ndarray:
     x = np.ascontiguousarray(x, dtype=np.float32)
     if x.ndim == 0:
         raise ValueError("expected an array with at least one dimension")
+    # Block formats have no meaning for NaN/Inf (llama.cpp writes garbage blocks); the float types
+    # are plain casts that keep ggml's NaN/Inf bits. The stream refuses non-finite weights anyway.
+    if qtype not in (QT.F32, QT.F16, QT.BF16) and not np.isfinite(x).all():
+        bad = int(np.count_nonzero(~np.isfinite(x)))
+        raise ValueError(f"{qtype.name}: input holds {bad} non-finite values (NaN or Inf)")
     block = GGML_QUANT_SIZES[qtype][0]
     if x.shape[-1] % block:
         raise ValueError(f"{qtype.name}: row length {x.shape[-1]} is not a multiple of {block}")

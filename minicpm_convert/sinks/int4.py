@@ -13,6 +13,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..checkpoint import Checkpoint
@@ -46,6 +47,12 @@ class ErrorReport:
         return {k: {"rtn": mean(v["rtn"]), "search": mean(v["search"])} for k, v in table.items()}
 
 
+
+def _sum_sq(t: torch.Tensor) -> float:
+    """Sum of squares with NumPy's pairwise sum: torch's threaded reduction varies in the last
+    bits with the thread count, and the report must be byte-identical across machines."""
+    return float(np.square(t.double().numpy()).sum())
+
 def _entries(job: TensorJob, scheme: Int4Scheme) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
     if not is_projection(job.name):
         return [(job.name, FLOAT_DTYPE, job.shape)]
@@ -69,9 +76,9 @@ def _quantize(job: TensorJob, scheme: Int4Scheme, search: bool, report: ErrorRep
             rtn = int4.quantize_groups(w, g, scheme.sym, False) if search else (codes, scales, zeros)
         except ValueError as exc:
             raise ConvertError(f"tensor '{job.name}': cannot quantize ({exc})") from None
-        sq["w"] += w.double().square().sum().item()
-        sq["search"] += (w - int4.dequantize(codes, scales, zeros, g)).double().square().sum().item()
-        sq["rtn"] += (w - int4.dequantize(*rtn, g)).double().square().sum().item()
+        sq["w"] += _sum_sq(w)
+        sq["search"] += _sum_sq(w - int4.dequantize(codes, scales, zeros, g))
+        sq["rtn"] += _sum_sq(w - int4.dequantize(*rtn, g))
         parts.append((codes, scales, zeros))
     codes, scales, zeros = (torch.cat(p) for p in zip(*parts))
     norm = sq["w"] ** 0.5 or 1.0
