@@ -40,7 +40,9 @@ EXPECTED = {
     "sharded": (256, 4, 4, 4, 512, 0, torch.bfloat16, True,
                 [f"model-0000{k}-of-00003.safetensors" for k in (1, 2, 3)] + ["model.safetensors.index.json"]),
     "bin": (256, 2, 4, 4, 512, 0, torch.bfloat16, True, ["pytorch_model.bin"]),
+    "moe": (256, 2, 4, 4, 512, 0, torch.bfloat16, True, ["model.safetensors"]),  # + 8 experts, top-2
 }
+MOE = {"moe": (8, 2)}  # name: (num_experts, num_experts_per_tok)
 DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 
 
@@ -163,9 +165,23 @@ def test_config_matches_tensors(built, name):
             p + "self_attn.k_proj.weight": (kv * hd, hidden),
             p + "self_attn.v_proj.weight": (kv * hd, hidden),
             p + "self_attn.o_proj.weight": (hidden, heads * hd),
-            p + "mlp.gate_proj.weight": (inter, hidden),
-            p + "mlp.up_proj.weight": (inter, hidden),
-            p + "mlp.down_proj.weight": (hidden, inter),
+        })
+        if name in MOE:  # MiniCPM-MoE: experts w1 (gate), w2 (down), w3 (up), then the router
+            n_exp, top_k = MOE[name]
+            assert (cfg["num_experts"], cfg["num_experts_per_tok"]) == (n_exp, top_k)
+            for e in range(n_exp):
+                expect.update({p + f"mlp.experts.{e}.w1.weight": (inter, hidden),
+                               p + f"mlp.experts.{e}.w2.weight": (hidden, inter),
+                               p + f"mlp.experts.{e}.w3.weight": (inter, hidden)})
+            expect[p + "mlp.gate.weight"] = (n_exp, hidden)
+        else:
+            assert "num_experts" not in cfg
+            expect.update({
+                p + "mlp.gate_proj.weight": (inter, hidden),
+                p + "mlp.up_proj.weight": (inter, hidden),
+                p + "mlp.down_proj.weight": (hidden, inter),
+            })
+        expect.update({
             p + "input_layernorm.weight": (hidden,),
             p + "post_attention_layernorm.weight": (hidden,),
         })
