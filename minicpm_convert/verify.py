@@ -26,7 +26,7 @@ DEFAULT_PROMPT = ("<用户>Write a short poem about the sea, then translate it i
 
 @dataclass(frozen=True)
 class Threshold:
-    rel_err: float
+    rel_err: float | None  # None: reported, not judged (quantized kinds; see below)
     top1: float
     kl: float
 
@@ -35,6 +35,9 @@ class Threshold:
 # bounded by one rounding of every weight; quantized kinds by about 2.5x the worst figure measured
 # on the bundled fixtures (README, "How verify decides"), which are harder to quantize than real
 # checkpoints. A broken export (a missing scale, a wrong permutation) lands orders of magnitude out.
+# Quantized kinds are judged on KL and top-1 only: rel_err is the single worst logit, and one
+# near-tie that flips (an MoE expert choice, an argmax) moves it in a jump that says nothing of
+# the export's quality; it is still reported.
 THRESHOLDS: dict[str, Threshold] = {
     "llama-float32": Threshold(rel_err=1e-4, top1=1.0, kl=1e-6),
     "llama-bfloat16": Threshold(rel_err=3e-2, top1=0.9, kl=2e-3),
@@ -42,17 +45,17 @@ THRESHOLDS: dict[str, Threshold] = {
     "gguf-f32": Threshold(rel_err=1e-4, top1=1.0, kl=1e-6),
     "gguf-f16": Threshold(rel_err=5e-3, top1=0.95, kl=2e-4),
     "gguf-bf16": Threshold(rel_err=3e-2, top1=0.9, kl=2e-3),
-    "gguf-q8_0": Threshold(rel_err=0.05, top1=0.9, kl=2e-3),
-    "gguf-q6_K": Threshold(rel_err=0.15, top1=0.85, kl=1.5e-2),
-    "gguf-q5_K_M": Threshold(rel_err=0.2, top1=0.8, kl=4e-2),
-    "gguf-q4_K_M": Threshold(rel_err=0.3, top1=0.75, kl=0.1),
-    "gguf-q4_0": Threshold(rel_err=0.4, top1=0.6, kl=0.25),
+    "gguf-q8_0": Threshold(rel_err=None, top1=0.9, kl=2e-3),
+    "gguf-q6_K": Threshold(rel_err=None, top1=0.85, kl=1.5e-2),
+    "gguf-q5_K_M": Threshold(rel_err=None, top1=0.8, kl=4e-2),
+    "gguf-q4_K_M": Threshold(rel_err=None, top1=0.75, kl=0.1),
+    "gguf-q4_0": Threshold(rel_err=None, top1=0.6, kl=0.25),
     # INT4 (both packings decode to the same weights). Worst of 48 fixture exports (tiny, gqa,
     # untied, bin x group 32/64/128 x sym/asym x search/RTN, default prompt): rel_err 0.282,
     # top1 0.614, kl 0.164. Layout bugs (zero off by one, nibble order) measured rel_err >= 0.80,
     # top1 <= 0.07, kl >= 3.5, so rel_err is bounded below that floor rather than at 2.5x.
-    "int4-gptq": Threshold(rel_err=0.5, top1=0.5, kl=0.4),
-    "int4-compressed-tensors": Threshold(rel_err=0.5, top1=0.5, kl=0.4),
+    "int4-gptq": Threshold(rel_err=None, top1=0.5, kl=0.4),
+    "int4-compressed-tensors": Threshold(rel_err=None, top1=0.5, kl=0.4),
 }
 
 
@@ -88,8 +91,8 @@ def compare(ref: torch.Tensor, out: torch.Tensor) -> dict[str, float]:
 
 
 def judge(metrics: dict[str, float], threshold: Threshold) -> bool:
-    return (metrics["rel_err"] <= threshold.rel_err and metrics["top1"] >= threshold.top1
-            and metrics["kl"] <= threshold.kl)
+    return ((threshold.rel_err is None or metrics["rel_err"] <= threshold.rel_err)
+            and metrics["top1"] >= threshold.top1 and metrics["kl"] <= threshold.kl)
 
 
 def prompt_tokens(src: Checkpoint, prompt: str | None, tokens: list[int] | None) -> list[int]:

@@ -232,11 +232,11 @@ def test_gguf_moe_tensors_and_plan(exports, fixture_path):
 
 
 def test_verify_passes_for_every_export(exports, fixture_path, tmp_path):
-    # q8_0 is left out: on this prompt one near-tied 2nd/3rd expert choice flips on the dequantized
-    # weights, and verify's rel_err (the worst position) counts that jump (0.21 > 0.05) even though
-    # KL (1.3e-3) and top-1 (97.7%) pass; llama.cpp itself on the same file gives rel_err 0.018.
+    # q8_0: on this prompt one near-tied 2nd/3rd expert choice flips on the dequantized weights, so
+    # the worst logit jumps (rel_err 0.21) while KL (1.3e-3) and top-1 (97.7%) stay good: quantized
+    # kinds are judged on KL and top-1, which is what this case shows is right.
     paths = [exports("llama", "auto"), exports("llama", "float32"), exports("gguf", "f32"),
-             exports("gguf", "q4_K_M"), exports("gguf", "f32", "llama")]
+             exports("gguf", "q4_K_M"), exports("gguf", "q8_0"), exports("gguf", "f32", "llama")]
     report = tmp_path / "verify.json"
     code, out, err = run_cli("verify", fixture_path(NAME), *paths, "--json", report)
     assert code == 0, out + err
