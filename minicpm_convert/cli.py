@@ -152,7 +152,8 @@ def to_gguf(
                           f"{ckpt.spec.max_position_embeddings} tokens (max_position_embeddings)", highlight=False)
     with atomic_output(out, force=force, folder=False) as tmp:
         write_gguf(ckpt, tmp, ft, arch.value, src, quiet=quiet)
-    err_console.print(f"wrote {out} (GGUF arch {arch.value}, {ft.name})", highlight=False)
+    file_arch = "minicpm3" if ckpt.spec.mla else arch.value
+    err_console.print(f"wrote {out} (GGUF arch {file_arch}, {ft.name})", highlight=False)
 
 
 class Int4Format(str, Enum):

@@ -23,7 +23,7 @@ from ..progress import progress_bar
 from ..quants import int4
 from ..safetensors_file import safetensors_header, write_tensor
 from ..stream import TensorJob, llama_config
-from .llama import write_side_files
+from .llama import plan_shards, write_side_files
 
 FLOAT_DTYPE = torch.float16  # embeddings, norms and lm_head, as GPTQ and llm-compressor exports keep them
 REPORT_FILE = "quantization_report.json"
@@ -93,19 +93,6 @@ def _quantize(job: TensorJob, scheme: Int4Scheme, search: bool, report: ErrorRep
     return {prefix + k: v for k, v in packed.items()}
 
 
-def _plan_shards(jobs: list[TensorJob], scheme: Int4Scheme, shard_bytes: int) -> list[list[TensorJob]]:
-    shards: list[list[TensorJob]] = [[]]
-    size = 0
-    for job in jobs:
-        nbytes = _nbytes(_entries(job, scheme))
-        if shards[-1] and size + nbytes > shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(job)
-        size += nbytes
-    return shards
-
-
 def check_quantizable(ckpt: Checkpoint, jobs: list[TensorJob], group_size: int) -> None:
     """Before anything is written: every projection must cut into whole groups."""
     check_shapes({j.name: j.shape for j in jobs if is_projection(j.name)}, group_size, str(ckpt.folder))
@@ -116,7 +103,7 @@ def write_int4(ckpt: Checkpoint, jobs: list[TensorJob], out: Path, scheme: Int4S
     """Write the INT4 export into the folder `out`; return the weight errors (also saved as JSON)."""
     check_quantizable(ckpt, jobs, scheme.group_size)
     report = ErrorReport()
-    shards = _plan_shards(jobs, scheme, shard_bytes)
+    shards = plan_shards(jobs, lambda job: _nbytes(_entries(job, scheme)), shard_bytes)
     weight_map: dict[str, str] = {}
     total = 0
     total_in = sum(j.rows * j.row_values * 4 for j in jobs)

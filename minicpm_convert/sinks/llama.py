@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -16,12 +17,13 @@ from ..stream import PARALLEL_CHUNK_VALUES, TensorJob, llama_config, ordered_map
 ELEMENT_SIZE = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
 
 
-def plan_shards(jobs: list[TensorJob], dtype: torch.dtype, shard_bytes: int) -> list[list[TensorJob]]:
+def plan_shards(jobs: list[TensorJob], size_of: Callable[[TensorJob], int], shard_bytes: int
+                ) -> list[list[TensorJob]]:
     """Greedy shards in stream order, each at most shard_bytes unless one tensor is larger."""
     shards: list[list[TensorJob]] = [[]]
     size = 0
     for job in jobs:
-        nbytes = job.rows * job.row_values * ELEMENT_SIZE[dtype]
+        nbytes = size_of(job)
         if shards[-1] and size + nbytes > shard_bytes:
             shards.append([])
             size = 0
@@ -33,7 +35,7 @@ def plan_shards(jobs: list[TensorJob], dtype: torch.dtype, shard_bytes: int) -> 
 def write_safetensors_shards(out: Path, jobs: list[TensorJob], dtype: torch.dtype, shard_bytes: int,
                              *, quiet: bool = False, label: str = "to-llama", threads: int | None = None) -> None:
     """Stream jobs, cast to `dtype`, into model-0000i-of-0000n.safetensors plus the index."""
-    shards = plan_shards(jobs, dtype, shard_bytes)
+    shards = plan_shards(jobs, lambda job: job.rows * job.row_values * ELEMENT_SIZE[dtype], shard_bytes)
     n = len(shards)
     weight_map: dict[str, str] = {}
     total = 0
