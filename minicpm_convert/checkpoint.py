@@ -171,12 +171,15 @@ class Checkpoint:
 
     def read(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """Rows [start, stop) in float32, checked for NaN/Inf (the `WeightSource` interface)."""
+        return self.read_stored(name, start, stop).to(torch.float32)
+
+    def read_stored(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Rows [start, stop) in the stored dtype, checked for NaN/Inf."""
         holder = self._where[name]
         if isinstance(holder, SafetensorsFile) and hasattr(os, "preadv"):
             t = holder.read_rows(name, start, stop)  # read, not mapped: no file pages stay resident
         else:
             t = self.get(name)[start:stop]
-        t = t.to(torch.float32)
         check_finite(name, t, self.folder)
         return t
 

@@ -78,6 +78,9 @@ class TensorJob:
     shape: tuple[int, ...]
     source_dtype: torch.dtype
     read: Callable[[int, int], torch.Tensor]  # rows [start, stop) in float32
+    # Rows exactly as stored, when the job changes no value: a sink writing the source dtype
+    # copies these instead of a float32 round trip (which would give the same bytes, slower).
+    read_stored: Callable[[int, int], torch.Tensor] | None = None
 
     @property
     def rows(self) -> int:
@@ -111,9 +114,14 @@ def _reader(ckpt: Checkpoint, name: str, factor: float | None = None, divisor: f
     return read
 
 
+def _stored_reader(ckpt: Checkpoint, name: str):
+    return lambda start, stop: ckpt.read_stored(name, start, stop)
+
+
 def source_stream(ckpt: Checkpoint) -> list[TensorJob]:
     """The checkpoint's tensors as stored (muP scalars left for the runtime)."""
-    return [TensorJob(n, ckpt.shape(n), ckpt.dtype(n), _reader(ckpt, n)) for n in ckpt.names()]
+    return [TensorJob(n, ckpt.shape(n), ckpt.dtype(n), _reader(ckpt, n), _stored_reader(ckpt, n))
+            for n in ckpt.names()]
 
 
 def fold_factor(spec: ModelSpec, name: str) -> tuple[float | None, float | None]:
@@ -141,7 +149,9 @@ def llama_stream(ckpt: Checkpoint) -> list[TensorJob]:
     for name in ckpt.names():
         factor, divisor = fold_factor(spec, name)
         out = to_mixtral(name) if spec.num_experts else name  # MiniCPM-MoE -> Mixtral layout
-        jobs.append(TensorJob(out, ckpt.shape(name), ckpt.dtype(name), _reader(ckpt, name, factor, divisor)))
+        unchanged = factor is None and divisor is None
+        jobs.append(TensorJob(out, ckpt.shape(name), ckpt.dtype(name), _reader(ckpt, name, factor, divisor),
+                              _stored_reader(ckpt, name) if unchanged else None))
     if "lm_head.weight" not in ckpt.names():
         emb = "model.embed_tokens.weight"
         _, divisor = fold_factor(spec, "lm_head.weight")

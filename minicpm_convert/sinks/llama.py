@@ -42,6 +42,8 @@ def write_safetensors_shards(out: Path, jobs: list[TensorJob], dtype: torch.dtyp
     total_in = sum(j.rows * j.row_values * ELEMENT_SIZE[dtype] for j in jobs)
     def cast(item: tuple[TensorJob, int, int]) -> torch.Tensor:  # runs on a worker thread
         job, start, stop = item
+        if job.read_stored is not None and job.source_dtype == dtype:
+            return job.read_stored(start, stop)
         return job.read(start, stop).to(dtype)
 
     with progress_bar(label, total_in, len(jobs), quiet=quiet) as advance:

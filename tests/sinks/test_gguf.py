@@ -156,3 +156,19 @@ def test_untied_vocab_is_padded(gguf_file, fixture_path):
     tokens = r.fields["tokenizer.ggml.tokens"].contents()
     spec = Checkpoint(fixture_path("untied")).spec
     assert len(tokens) == spec.vocab_size and tokens[-1].startswith("[PAD")
+
+
+def test_direct_float_casts_equal_the_float32_path():
+    """Float files copy or cast stored rows directly; that must give the float32 path's bytes for
+    every finite bf16 value and across the f32 range (subnormal to overflow)."""
+    import torch
+    from gguf import GGMLQuantizationType as T
+
+    from minicpm_convert.sinks.gguf import encode
+
+    bf16 = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    bf16 = bf16[torch.isfinite(bf16.float())]
+    bf16 = bf16[: bf16.numel() // 32 * 32].reshape(-1, 32)
+    assert np.array_equal(bf16.to(torch.float16).view(torch.int16).numpy(), encode(bf16.float(), T.F16).view(np.int16))
+    f32 = torch.randn(4096, 256, generator=torch.Generator().manual_seed(0)) * torch.logspace(-9, 5, 256)
+    assert np.array_equal(f32.to(torch.float16).view(torch.int16).numpy(), encode(f32, T.F16).view(np.int16))
