@@ -120,6 +120,7 @@ def measure(name: str, argv: list[str], log: Path) -> Result:
     rss_file = log.with_suffix(".rss")
     rss_file.unlink(missing_ok=True)
     wrapped = [str(TIME), "-q", "-f", "%M", "-o", str(rss_file), *argv] if TIME.exists() else argv
+    os.sync()  # every command starts with no dirty pages of an earlier one being written back
     with open(log, "wb") as out:
         t0 = time.perf_counter()
         proc = subprocess.Popen(wrapped, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
