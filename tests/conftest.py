@@ -37,3 +37,20 @@ def run_cli(*args: str):
 
     result = CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
     return result.exit_code, result.stdout, result.stderr
+
+
+def transformers_parity(src_folder: Path, export_folder: Path) -> dict[str, float]:
+    """transformers' float32 logits on an export against the MiniCPM reference on its source."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from minicpm_convert import reference
+    from minicpm_convert.checkpoint import Checkpoint
+    from minicpm_convert.verify import compare, prompt_tokens
+
+    src = Checkpoint(src_folder)
+    tokens = prompt_tokens(src, None, None)
+    model = AutoModelForCausalLM.from_pretrained(export_folder, dtype=torch.float32, trust_remote_code=False)
+    with torch.no_grad():
+        got = model(torch.tensor([tokens])).logits[0]
+    return compare(reference.forward(src, tokens), got)

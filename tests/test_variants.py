@@ -11,7 +11,7 @@ import torch
 from minicpm_convert import reference
 from minicpm_convert.checkpoint import Checkpoint
 from minicpm_convert.verify import compare, prompt_tokens
-from tests.conftest import run_cli
+from tests.conftest import run_cli, transformers_parity
 
 
 def derived(fixture_path, tmp_path, base, **changes):
@@ -31,19 +31,12 @@ def minicpm_2b_128k(fixture_path, tmp_path):
 
 
 def test_128k_llama_format_keeps_dynamic_scaling_and_matches(minicpm_2b_128k, tmp_path):
-    from transformers import LlamaForCausalLM
-
     out = tmp_path / "llama"
     code, _, err = run_cli("to-llama", minicpm_2b_128k, out, "--dtype", "float32", "-q")
     assert code == 0, err
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["rope_scaling"] == {"type": "dynamic", "factor": 4.0} and cfg["rope_theta"] == 1e6
-    src = Checkpoint(minicpm_2b_128k)
-    tokens = prompt_tokens(src, None, None)
-    model = LlamaForCausalLM.from_pretrained(out, dtype=torch.float32)
-    with torch.no_grad():
-        got = model(torch.tensor([tokens])).logits[0]
-    m = compare(reference.forward(src, tokens), got)
+    m = transformers_parity(minicpm_2b_128k, out)
     assert m["rel_err"] < 1e-4 and m["top1"] == 1.0, m
     assert run_cli("to-int4", minicpm_2b_128k, tmp_path / "int4", "-q")[0] == 0
     assert run_cli("verify", minicpm_2b_128k, out, tmp_path / "int4")[0] == 0
@@ -104,19 +97,12 @@ def test_minicpm4_spec_defaults(minicpm4):
 
 
 def test_minicpm4_llama_format_matches_in_transformers(minicpm4, tmp_path):
-    from transformers import LlamaForCausalLM
-
     out = tmp_path / "llama"
     code, _, err = run_cli("to-llama", minicpm4, out, "--dtype", "float32", "-q")
     assert code == 0, err
     assert "sparse attention (sparse_config) is not carried over" in err
     assert json.loads((out / "config.json").read_text())["rope_scaling"]["rope_type"] == "longrope"
-    src = Checkpoint(minicpm4)
-    tokens = prompt_tokens(src, None, None)
-    model = LlamaForCausalLM.from_pretrained(out, dtype=torch.float32)
-    with torch.no_grad():
-        got = model(torch.tensor([tokens])).logits[0]
-    m = compare(reference.forward(src, tokens), got)
+    m = transformers_parity(minicpm4, out)
     assert m["rel_err"] < 1e-4 and m["top1"] == 1.0, m
     assert run_cli("verify", minicpm4, out)[0] == 0
 
@@ -177,8 +163,6 @@ def minicpm_1b(tmp_path_factory):
 
 
 def test_minicpm_1b_all_commands(minicpm_1b, tmp_path):
-    from transformers import LlamaForCausalLM
-
     from minicpm_convert.quant_plan import FILE_TYPES
     from tests import llama_cpp_client as client
     from tests.sinks.test_gguf import tensors
@@ -188,9 +172,7 @@ def test_minicpm_1b_all_commands(minicpm_1b, tmp_path):
     tokens = prompt_tokens(src, None, None)
     ref = reference.forward(src, tokens)
     assert run_cli("to-llama", minicpm_1b, tmp_path / "llama", "--dtype", "float32", "-q")[0] == 0
-    model = LlamaForCausalLM.from_pretrained(tmp_path / "llama", dtype=torch.float32)
-    with torch.no_grad():
-        m = compare(ref, model(torch.tensor([tokens])).logits[0])
+    m = transformers_parity(minicpm_1b, tmp_path / "llama")
     assert m["rel_err"] < 1e-4 and m["top1"] == 1.0, m
     for quant in ("f32", "q4_K_M"):
         assert run_cli("to-gguf", minicpm_1b, tmp_path / f"{quant}.gguf", "--quant", quant, "-q")[0] == 0

@@ -11,7 +11,6 @@ import json
 import os
 import pickle
 import shutil
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
