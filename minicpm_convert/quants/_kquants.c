@@ -412,47 +412,54 @@ static void sym16_lanes(const float *g, float *scale_out, int8_t *L) {
     for (int k = 0; k < NL; ++k) scale_out[k] = scale[k];
 }
 
+/* Q6_K after the 16 sub-block scales `sc` (and their levels in L) are known: the super-block
+ * scale (first largest |sc|, signed), int8 sub-scales, requantised levels, packing. Shared by the
+ * lane and the plain search so both give the reference's bytes. */
+static void q6_k_finish(const float *x, const float *sc, int8_t *L, uint8_t *y) {
+    float max_abs = 0, max_sc = 0;
+    for (int g = 0; g < 16; ++g) {
+        const float a = fabsf(sc[g]);
+        if (a > max_abs) { max_abs = a; max_sc = sc[g]; }
+    }
+    if (max_abs < EPS_GROUP_MAX) {
+        memset(y, 0, 210);
+        return;
+    }
+    const float inv = -128.0f / max_sc;
+    uint8_t *ql = y, *qh = y + 128;
+    int8_t *scales = (int8_t *)(y + 192);
+    put_half(y + 208, 1 / inv);
+    const float d0 = get_half(y + 208);
+    for (int g = 0; g < 16; ++g) {
+        const int v = round_magic(inv * sc[g]);
+        scales[g] = (int8_t)(v < 127 ? v : 127);
+    }
+    for (int g = 0; g < 16; ++g) {
+        const float d = d0 * (float)scales[g];
+        if (!d) continue;
+        for (int i = 0; i < 16; ++i) {
+            L[16 * g + i] = (int8_t)(clampi(round_magic(x[16 * g + i] / d), -32, 31) + 32);
+        }
+    }
+    for (int h = 0; h < 2; ++h) {
+        const int8_t *Lh = L + 128 * h;
+        for (int l = 0; l < 32; ++l) {
+            const uint8_t a = (uint8_t)Lh[l], c = (uint8_t)Lh[l + 32];
+            const uint8_t e = (uint8_t)Lh[l + 64], f = (uint8_t)Lh[l + 96];
+            ql[64 * h + l] = (uint8_t)((a & 0x0F) | ((e & 0x0F) << 4));
+            ql[64 * h + 32 + l] = (uint8_t)((c & 0x0F) | ((f & 0x0F) << 4));
+            qh[32 * h + l] = (uint8_t)((a >> 4) | ((c >> 4) << 2) | ((e >> 4) << 4) | ((f >> 4) << 6));
+        }
+    }
+}
+
 static void quantize_q6_k_lanes(const float *x, uint8_t *y, int64_t nb) {
     int8_t L[QK_K];
     float sc[16];
     for (int64_t b = 0; b < nb; ++b, x += QK_K, y += 210) {
         sym16_lanes(x, sc, L);
         sym16_lanes(x + 128, sc + 8, L + 128);
-        float max_abs = 0, max_sc = 0;
-        for (int g = 0; g < 16; ++g) {
-            const float a = fabsf(sc[g]);
-            if (a > max_abs) { max_abs = a; max_sc = sc[g]; }
-        }
-        if (max_abs < EPS_GROUP_MAX) {
-            memset(y, 0, 210);
-            continue;
-        }
-        const float inv = -128.0f / max_sc;
-        uint8_t *ql = y, *qh = y + 128;
-        int8_t *scales = (int8_t *)(y + 192);
-        put_half(y + 208, 1 / inv);
-        const float d0 = get_half(y + 208);
-        for (int g = 0; g < 16; ++g) {
-            const int v = round_magic(inv * sc[g]);
-            scales[g] = (int8_t)(v < 127 ? v : 127);
-        }
-        for (int g = 0; g < 16; ++g) {
-            const float d = d0 * (float)scales[g];
-            if (!d) continue;
-            for (int i = 0; i < 16; ++i) {
-                L[16 * g + i] = (int8_t)(clampi(round_magic(x[16 * g + i] / d), -32, 31) + 32);
-            }
-        }
-        for (int h = 0; h < 2; ++h) {
-            const int8_t *Lh = L + 128 * h;
-            for (int l = 0; l < 32; ++l) {
-                const uint8_t a = (uint8_t)Lh[l], c = (uint8_t)Lh[l + 32];
-                const uint8_t e = (uint8_t)Lh[l + 64], f = (uint8_t)Lh[l + 96];
-                ql[64 * h + l] = (uint8_t)((a & 0x0F) | ((e & 0x0F) << 4));
-                ql[64 * h + 32 + l] = (uint8_t)((c & 0x0F) | ((f & 0x0F) << 4));
-                qh[32 * h + l] = (uint8_t)((a >> 4) | ((c >> 4) << 2) | ((e >> 4) << 4) | ((f >> 4) << 6));
-            }
-        }
+        q6_k_finish(x, sc, L, y);
     }
 }
 
@@ -538,42 +545,8 @@ static void quantize_q6_k(const float *x, uint8_t *y, int64_t nb) {
     int8_t L[QK_K];
     float sc[16];
     for (int64_t b = 0; b < nb; ++b, x += QK_K, y += 210) {
-        float max_abs = 0, max_sc = 0;
-        for (int g = 0; g < 16; ++g) {
-            sc[g] = search_scale_sym(x + 16 * g, 32, L + 16 * g);
-            const float a = fabsf(sc[g]);
-            if (a > max_abs) { max_abs = a; max_sc = sc[g]; }
-        }
-        if (max_abs < EPS_GROUP_MAX) {
-            memset(y, 0, 210);
-            continue;
-        }
-        const float inv = -128.0f / max_sc;
-        uint8_t *ql = y, *qh = y + 128;
-        int8_t *scales = (int8_t *)(y + 192);
-        put_half(y + 208, 1 / inv);
-        const float d0 = get_half(y + 208);
-        for (int g = 0; g < 16; ++g) {
-            const int v = round_magic(inv * sc[g]);
-            scales[g] = (int8_t)(v < 127 ? v : 127);
-        }
-        for (int g = 0; g < 16; ++g) {
-            const float d = d0 * (float)scales[g];
-            if (!d) continue;
-            for (int i = 0; i < 16; ++i) {
-                L[16 * g + i] = (int8_t)(clampi(round_magic(x[16 * g + i] / d), -32, 31) + 32);
-            }
-        }
-        for (int h = 0; h < 2; ++h) {
-            const int8_t *Lh = L + 128 * h;
-            for (int l = 0; l < 32; ++l) {
-                const uint8_t a = (uint8_t)Lh[l], c = (uint8_t)Lh[l + 32];
-                const uint8_t e = (uint8_t)Lh[l + 64], f = (uint8_t)Lh[l + 96];
-                ql[64 * h + l] = (uint8_t)((a & 0x0F) | ((e & 0x0F) << 4));
-                ql[64 * h + 32 + l] = (uint8_t)((c & 0x0F) | ((f & 0x0F) << 4));
-                qh[32 * h + l] = (uint8_t)((a >> 4) | ((c >> 4) << 2) | ((e >> 4) << 4) | ((f >> 4) << 6));
-            }
-        }
+        for (int g = 0; g < 16; ++g) sc[g] = search_scale_sym(x + 16 * g, 32, L + 16 * g);
+        q6_k_finish(x, sc, L, y);
     }
 }
 
