@@ -195,11 +195,10 @@ class GgufSource:
         shape = self.shape(name)
         if len(shape) == 1:
             return torch.from_numpy(np.array(t.data, dtype=np.float32).reshape(shape)[start:stop])
-        heads = {"self_attn.q_proj.weight": self.spec.num_attention_heads,
-                 "self_attn.k_proj.weight": self.spec.num_key_value_heads}.get(name.split(".", 3)[-1])
+        from .sinks.gguf import qk_heads, unpermute_rows
+        heads = qk_heads(self.spec, name)
         rows = np.asarray(t.data).reshape(shape[0], -1)
         if heads:  # rows were permuted per head: dequantize whole, un-permute, then slice
-            from .sinks.gguf import unpermute_rows
             full = torch.from_numpy(self._dequant(rows, t.tensor_type).reshape(shape))
             return unpermute_rows(full, heads)[start:stop].contiguous()
         return torch.from_numpy(self._dequant(rows[start:stop], t.tensor_type).reshape(-1, shape[1]))

@@ -24,9 +24,6 @@ from ..quants.kquants import compiled_kernel
 from ..gguf_vocab import add_vocab
 from ..stream import PARALLEL_CHUNK_VALUES, TensorJob, llama_stream, ordered_map, source_stream
 
-QK_ROWS = ("self_attn.q_proj.weight", "self_attn.k_proj.weight")
-
-
 def permute_rows(t: torch.Tensor, n_heads: int) -> torch.Tensor:
     """HF's half-split rotary layout -> ggml's adjacent pairs (llama.cpp's LlamaModel.permute)."""
     rows = t.shape[0]

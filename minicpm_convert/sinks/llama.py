@@ -66,11 +66,6 @@ def write_safetensors_shards(out: Path, jobs: list[TensorJob], dtype: torch.dtyp
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
-def copy_side_files(ckpt: Checkpoint, out: Path) -> None:
-    for path in ckpt.files_to_copy():
-        shutil.copyfile(path, out / path.name)
-
-
 def write_llama(ckpt: Checkpoint, jobs: list[TensorJob], out: Path, dtype: torch.dtype, shard_bytes: int,
                 *, quiet: bool = False) -> None:
     write_safetensors_shards(out, jobs, dtype, shard_bytes, quiet=quiet)
@@ -81,7 +76,8 @@ def write_llama(ckpt: Checkpoint, jobs: list[TensorJob], out: Path, dtype: torch
 
 def write_side_files(ckpt: Checkpoint, out: Path) -> None:
     """Tokenizer files and generation_config.json (one made from the spec if SRC has none)."""
-    copy_side_files(ckpt, out)
+    for path in ckpt.files_to_copy():
+        shutil.copyfile(path, out / path.name)
     if not (out / "generation_config.json").exists():
         gen = {"bos_token_id": ckpt.spec.bos_token_id, "eos_token_id": ckpt.spec.eos_token_id}
         (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
