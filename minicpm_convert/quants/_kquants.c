@@ -162,6 +162,31 @@ static float search_scale_min(int n, int nmax, const float *x, const float *w, u
 }
 
 /* Q4_K and Q5_K share everything but the level count, the search grid and the bit packing. */
+/* Q4_K/Q5_K after the search: 6-bit sub-scales and mins relative to their maxima, packed into
+ * 12 bytes, the fp16 super-block scale and min, and those scales as read back (for the levels).
+ * Shared by the plain and the lane search. */
+static void pack_k_scales(const float *sc, const float *mins, float max_scale, float max_min,
+                          uint8_t *d_out, uint8_t *dmin_out, uint8_t *scales_out,
+                          uint8_t *ls, uint8_t *lm, float *dd, float *dm_) {
+    const float inv_scale = max_scale > 0 ? 63.0f / max_scale : 0.0f;
+    const float inv_min = max_min > 0 ? 63.0f / max_min : 0.0f;
+    for (int j = 0; j < 8; ++j) {
+        uint8_t a = (uint8_t)round_magic(inv_scale * sc[j]);
+        uint8_t b = (uint8_t)round_magic(inv_min * mins[j]);
+        ls[j] = a < 63 ? a : 63;
+        lm[j] = b < 63 ? b : 63;
+    }
+    for (int j = 0; j < 4; ++j) {
+        scales_out[j] = (uint8_t)(ls[j] | ((ls[j + 4] >> 4) << 6));
+        scales_out[j + 4] = (uint8_t)(lm[j] | ((lm[j + 4] >> 4) << 6));
+        scales_out[j + 8] = (uint8_t)((ls[j + 4] & 0x0F) | ((lm[j + 4] & 0x0F) << 4));
+    }
+    put_half(d_out, max_scale / 63.0f);
+    put_half(dmin_out, max_min / 63.0f);
+    *dd = get_half(d_out);
+    *dm_ = get_half(dmin_out);
+}
+
 static void block_qk_asym(const float *x, int nmax, float rmin, float rdelta, int nstep,
                           uint8_t *d_out, uint8_t *dmin_out, uint8_t scales_out[12], uint8_t L[QK_K]) {
     float w[32];
@@ -177,24 +202,9 @@ static void block_qk_asym(const float *x, int nmax, float rmin, float rdelta, in
         if (sc[j] > max_scale) max_scale = sc[j];
         if (mins[j] > max_min) max_min = mins[j];
     }
-    const float inv_scale = max_scale > 0 ? 63.0f / max_scale : 0.0f;
-    const float inv_min = max_min > 0 ? 63.0f / max_min : 0.0f;
     uint8_t ls[8], lm[8];
-    for (int j = 0; j < 8; ++j) {
-        uint8_t a = (uint8_t)round_magic(inv_scale * sc[j]);
-        uint8_t b = (uint8_t)round_magic(inv_min * mins[j]);
-        ls[j] = a < 63 ? a : 63;
-        lm[j] = b < 63 ? b : 63;
-    }
-    for (int j = 0; j < 4; ++j) {
-        scales_out[j] = (uint8_t)(ls[j] | ((ls[j + 4] >> 4) << 6));
-        scales_out[j + 4] = (uint8_t)(lm[j] | ((lm[j + 4] >> 4) << 6));
-        scales_out[j + 8] = (uint8_t)((ls[j + 4] & 0x0F) | ((lm[j + 4] & 0x0F) << 4));
-    }
-    put_half(d_out, max_scale / 63.0f);
-    put_half(dmin_out, max_min / 63.0f);
-    const float dd = get_half(d_out);
-    const float dm_ = get_half(dmin_out);
+    float dd, dm_;
+    pack_k_scales(sc, mins, max_scale, max_min, d_out, dmin_out, scales_out, ls, lm, &dd, &dm_);
     for (int j = 0; j < 8; ++j) {
         const float d = dd * (float)ls[j];
         if (!d) continue;
@@ -313,24 +323,9 @@ static void block_qk_lanes(const float *x, int nmax, float rmin, float rdelta, i
         if (scs[k] > max_scale) max_scale = scs[k];
         if (mins[k] > max_min) max_min = mins[k];
     }
-    const float inv_scale = max_scale > 0 ? 63.0f / max_scale : 0.0f;
-    const float inv_min = max_min > 0 ? 63.0f / max_min : 0.0f;
-    uint8_t ls[NL], lm[NL];
-    for (int j = 0; j < NL; ++j) {
-        uint8_t a = (uint8_t)round_magic(inv_scale * scs[j]);
-        uint8_t b = (uint8_t)round_magic(inv_min * mins[j]);
-        ls[j] = a < 63 ? a : 63;
-        lm[j] = b < 63 ? b : 63;
-    }
-    for (int j = 0; j < 4; ++j) {
-        scales_out[j] = (uint8_t)(ls[j] | ((ls[j + 4] >> 4) << 6));
-        scales_out[j + 4] = (uint8_t)(lm[j] | ((lm[j + 4] >> 4) << 6));
-        scales_out[j + 8] = (uint8_t)((ls[j + 4] & 0x0F) | ((lm[j + 4] & 0x0F) << 4));
-    }
-    put_half(d_out, max_scale / 63.0f);
-    put_half(dmin_out, max_min / 63.0f);
-    const float dd = get_half(d_out);
-    const float dm_ = get_half(dmin_out);
+    uint8_t ls[8], lm[8];
+    float dd, dm_;
+    pack_k_scales(scs, mins, max_scale, max_min, d_out, dmin_out, scales_out, ls, lm, &dd, &dm_);
     v8f d, dm;
     for (int k = 0; k < NL; ++k) {
         d[k] = dd * (float)ls[k];
