@@ -94,9 +94,9 @@ def to_llama(
     The result loads in transformers (LlamaForCausalLM), vLLM and any Llama tooling without
     remote code, and gives the same logits as the MiniCPM original.
     """
-    from .checkpoint import Checkpoint
+    from .sources.checkpoint import Checkpoint
     from .output import atomic_output, check_output
-    from .sinks.llama import write_llama
+    from .formats.hf.llama import write_llama
     from .stream import llama_stream
 
     shard_bytes = parse_size(shard_size)
@@ -135,10 +135,10 @@ def to_gguf(
     Quantized tensors are byte-identical to llama.cpp's llama-quantize on the same weights,
     with llama-quantize's choice of type per tensor, quantized from the exact source values.
     """
-    from .checkpoint import Checkpoint
+    from .sources.checkpoint import Checkpoint
     from .output import atomic_output, check_output
-    from .quant_plan import FILE_TYPES, file_type
-    from .sinks.gguf import write_gguf
+    from .formats.gguf.plan import FILE_TYPES, file_type
+    from .formats.gguf.writer import write_gguf
 
     ft = file_type(quant)
     if ft is None:
@@ -180,10 +180,10 @@ def to_int4(
     The seven projections of every block are quantized; embeddings, norms and lm_head stay
     float16. Prints the relative weight error per layer type and writes quantization_report.json.
     """
-    from .checkpoint import Checkpoint
-    from .int4_format import GROUP_SIZES, Int4Scheme
+    from .sources.checkpoint import Checkpoint
+    from .formats.hf.int4 import GROUP_SIZES, Int4Scheme
     from .output import atomic_output, check_output
-    from .sinks.int4 import REPORT_FILE, write_int4
+    from .formats.hf.int4_writer import REPORT_FILE, write_int4
     from .stream import llama_stream
 
     if group_size not in GROUP_SIZES:
@@ -269,7 +269,7 @@ def verify_cmd(
 
     Exit code 0 when every export is within its threshold, 1 when one is not, 2 on bad input.
     """
-    from .checkpoint import Checkpoint
+    from .sources.checkpoint import Checkpoint
     from .verify import prompt_tokens, verify
 
     if prompt is not None and tokens is not None:

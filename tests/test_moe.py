@@ -17,8 +17,8 @@ from gguf import GGMLQuantizationType as T
 from gguf import GGUFReader
 
 from minicpm_convert import reference
-from minicpm_convert.checkpoint import Checkpoint
-from minicpm_convert.quant_plan import FILE_TYPES
+from minicpm_convert.sources.checkpoint import Checkpoint
+from minicpm_convert.formats.gguf.plan import FILE_TYPES
 from minicpm_convert.verify import compare, prompt_tokens
 from tests.conftest import run_cli
 
