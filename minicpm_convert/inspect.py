@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
 from .names import layer_index
-from .spec import VARIANTS
+from .families import family_of
 
 
 def _tensor_table(rows: list[tuple[str, tuple[int, ...], str]]) -> Table:
@@ -29,12 +30,21 @@ def _tensor_table(rows: list[tuple[str, tuple[int, ...], str]]) -> Table:
     return table
 
 
-def describe(path: str, console: Console) -> None:
+@dataclass
+class Inspection:
+    """What `inspect` found: a title, facts in reading order, and the tensors (name, shape, type)."""
+
+    title: str
+    facts: list[str] = field(default_factory=list)
+    tensors: list[tuple[str, tuple[int, ...], str]] = field(default_factory=list)
+
+
+def inspect(path: str) -> Inspection:
     from .sources import is_gguf
 
     p = Path(path)
     if p.is_file() and is_gguf(p):
-        return _describe_gguf(p, console)
+        return _inspect_gguf(p)
     from .sources.checkpoint import Checkpoint
     from .sources.int4 import Int4Source, is_int4_folder
 
@@ -42,26 +52,34 @@ def describe(path: str, console: Console) -> None:
     ckpt = Int4Source(p).ckpt if p.is_dir() and is_int4_folder(p) else Checkpoint.open(path)
     spec = ckpt.spec
     params = sum(_numel(ckpt.shape(n)) for n in ckpt.names())
-    console.print(f"[bold]{ckpt.folder}[/]")
-    console.print(f"variant: {spec.variant} ({VARIANTS.get(spec.variant, '?')})")
+    found = Inspection(str(ckpt.folder))
+    say = found.facts.append
+    family = family_of(spec)
+    say(f"variant: {spec.variant} ({family.title})")
+    if family.refused:
+        say(f"refused by every command: {family.refused}")
     quant = ckpt.config.get("quantization_config")
     if quant:
-        console.print(f"quantization: {quant.get('quant_method')} {quant.get('format', '')} "
-                      f"bits={quant.get('bits', '')} group_size={quant.get('group_size', '')}")
-    console.print(f"layers {spec.num_hidden_layers}, hidden {spec.hidden_size}, heads {spec.num_attention_heads}/"
-                  f"{spec.num_key_value_heads} (head_dim {spec.head_dim}), intermediate {spec.intermediate_size}, "
-                  f"vocab {spec.vocab_size}, tied head: {spec.tie_word_embeddings}")
-    if spec.is_mup:
-        console.print(f"muP: scale_emb {spec.scale_emb:g}, residual scale {spec.residual_scale:.6g} "
-                      f"(scale_depth {spec.scale_depth:g}/sqrt({spec.num_hidden_layers})), "
-                      f"logit divisor {spec.logit_scale:g} (hidden/dim_model_base)")
-    console.print(f"rope theta {spec.rope_theta:g}, scaling {spec.rope_scaling}, max positions "
-                  f"{spec.max_position_embeddings}, rms eps {spec.rms_norm_eps:g}")
-    console.print(f"weights: {', '.join(f.name for f in ckpt.weight_files)}")
+        say(f"quantization: {quant.get('quant_method')} {quant.get('format', '')} "
+            f"bits={quant.get('bits', '')} group_size={quant.get('group_size', '')}")
+    say(f"layers {spec.num_hidden_layers}, hidden {spec.hidden_size}, heads {spec.num_attention_heads}/"
+        f"{spec.num_key_value_heads} (head_dim {spec.head_dim}), intermediate {spec.intermediate_size}, "
+        f"vocab {spec.vocab_size}, tied head: {spec.tie_word_embeddings}")
+    found.facts.extend(family.facts(spec))
+    say(f"rope theta {spec.rope_theta:g}, scaling {spec.rope_scaling}, max positions "
+        f"{spec.max_position_embeddings}, rms eps {spec.rms_norm_eps:g}")
+    say(f"weights: {', '.join(f.name for f in ckpt.weight_files)}")
     what = "stored values (4-bit weights packed 8 per int32)" if quant else "parameters"
-    console.print(f"{len(ckpt.names())} tensors, {params:,} {what} ({params / 1e9:.3f} B)")
-    rows = [(n, ckpt.shape(n), str(ckpt.dtype(n)).removeprefix("torch.")) for n in ckpt.names()]
-    console.print(_tensor_table(rows))
+    say(f"{len(ckpt.names())} tensors, {params:,} {what} ({params / 1e9:.3f} B)")
+    found.tensors = [(n, ckpt.shape(n), str(ckpt.dtype(n)).removeprefix("torch.")) for n in ckpt.names()]
+    return found
+
+
+def render(found: Inspection, console: Console) -> None:
+    console.print(f"[bold]{found.title}[/]")
+    for fact in found.facts:
+        console.print(fact, highlight=False, markup=False)
+    console.print(_tensor_table(found.tensors))
 
 
 def _numel(shape) -> int:
@@ -71,14 +89,16 @@ def _numel(shape) -> int:
     return n
 
 
-def _describe_gguf(path: Path, console: Console) -> None:
+def _inspect_gguf(path: Path) -> Inspection:
     from .sources.gguf import GgufSource
 
     src = GgufSource(path)
-    console.print(f"[bold]{path}[/] (GGUF v{src.version}, {src.file_type_name})")
+    found = Inspection(f"{path} (GGUF v{src.version}, {src.file_type_name})")
     for key, value in src.summary_fields():
-        console.print(f"{key}: {value}")
-    rows = [(t.name, tuple(int(d) for d in reversed(t.shape.tolist())), t.tensor_type.name) for t in src.tensors]
-    params = sum(_numel(r[1]) for r in rows)
-    console.print(f"{len(rows)} tensors, {params:,} parameters ({params / 1e9:.3f} B); shapes as rows x columns")
-    console.print(_tensor_table(rows))
+        found.facts.append(f"{key}: {value}")
+    found.tensors = [(t.name, tuple(int(d) for d in reversed(t.shape.tolist())), t.tensor_type.name)
+                     for t in src.tensors]
+    params = sum(_numel(r[1]) for r in found.tensors)
+    found.facts.append(f"{len(found.tensors)} tensors, {params:,} parameters ({params / 1e9:.3f} B); "
+                       "shapes as rows x columns")
+    return found

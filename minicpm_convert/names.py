@@ -1,6 +1,7 @@
-"""The one table of tensor names between formats, and the tensors a spec expects.
+"""The one table of tensor names between formats, and the check of a checkpoint's tensor set.
 
-Hugging Face (MiniCPM and Llama share names) on the left, GGUF (llama.cpp) on the right.
+Hugging Face (MiniCPM and Llama share names) on the left, GGUF (llama.cpp) on the right. Which
+tensors a model has, and their shapes, is its family's knowledge (`Family.expected_shapes`).
 """
 
 from __future__ import annotations
@@ -8,7 +9,6 @@ from __future__ import annotations
 import re
 
 from .errors import ConvertError
-from .spec import ModelSpec
 
 GLOBAL_NAMES = {
     "model.embed_tokens.weight": "token_embd.weight",
@@ -56,11 +56,6 @@ def stacked_name(layer: int, w: str) -> str:
     return f"model.layers.{layer}.mlp.experts.{w}.weight"
 
 
-def moe_prefix(spec: ModelSpec) -> str:
-    """Where the MoE block lives: `mlp.` in MiniCPM-MoE, `block_sparse_moe.` in its Mixtral export."""
-    return MIXTRAL_PREFIX if spec.model_type == "llama" else "mlp."
-
-
 def to_mixtral(name: str) -> str:
     """MiniCPM-MoE name -> Mixtral name (router and experts move to block_sparse_moe)."""
     return name.replace(".mlp.experts.", "." + MIXTRAL_PREFIX + "experts.").replace(
@@ -102,62 +97,18 @@ def layer_index(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def expected_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
-    """Every weight a dense checkpoint of this spec holds, in canonical order, with its shape."""
-    h, hd, inter = spec.hidden_size, spec.head_dim, spec.intermediate_size
-    q, kv = spec.num_attention_heads * hd, spec.num_key_value_heads * hd
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (spec.vocab_size, h)}
-    for i in range(spec.num_hidden_layers):
-        p = f"model.layers.{i}."
-        shapes[p + "input_layernorm.weight"] = (h,)
-        if spec.mla:
-            shapes.update(_mla_shapes(spec, p))
-        else:
-            shapes[p + "self_attn.q_proj.weight"] = (q, h)
-            shapes[p + "self_attn.k_proj.weight"] = (kv, h)
-            shapes[p + "self_attn.v_proj.weight"] = (kv, h)
-            shapes[p + "self_attn.o_proj.weight"] = (h, q)
-        shapes[p + "post_attention_layernorm.weight"] = (h,)
-        if spec.num_experts:
-            moe = p + moe_prefix(spec)
-            for e in range(spec.num_experts):
-                shapes[f"{moe}experts.{e}.w1.weight"] = (inter, h)
-                shapes[f"{moe}experts.{e}.w2.weight"] = (h, inter)
-                shapes[f"{moe}experts.{e}.w3.weight"] = (inter, h)
-            shapes[moe + "gate.weight"] = (spec.num_experts, h)
-            continue
-        shapes[p + "mlp.gate_proj.weight"] = (inter, h)
-        shapes[p + "mlp.up_proj.weight"] = (inter, h)
-        shapes[p + "mlp.down_proj.weight"] = (h, inter)
-    shapes["model.norm.weight"] = (h,)
-    if not spec.tie_word_embeddings:
-        shapes["lm_head.weight"] = (spec.vocab_size, h)
-    return shapes
-
-
-def _mla_shapes(spec: ModelSpec, p: str) -> dict[str, tuple[int, ...]]:
-    m, h, heads = spec.mla, spec.hidden_size, spec.num_attention_heads
-    return {
-        p + "self_attn.q_a_proj.weight": (m.q_lora_rank, h),
-        p + "self_attn.q_a_layernorm.weight": (m.q_lora_rank,),
-        p + "self_attn.q_b_proj.weight": (heads * m.qk_head_dim, m.q_lora_rank),
-        p + "self_attn.kv_a_proj_with_mqa.weight": (m.kv_lora_rank + m.qk_rope_head_dim, h),
-        p + "self_attn.kv_a_layernorm.weight": (m.kv_lora_rank,),
-        p + "self_attn.kv_b_proj.weight": (heads * (m.qk_nope_head_dim + m.v_head_dim), m.kv_lora_rank),
-        p + "self_attn.o_proj.weight": (h, heads * m.v_head_dim),
-    }
-
-
-def check_tensor_set(spec: ModelSpec, present: dict[str, tuple[int, ...]], where: str) -> list[str]:
+def check_tensor_set(spec, present: dict[str, tuple[int, ...]], where: str) -> list[str]:
     """Compare a checkpoint's tensors with what its config implies; return the canonical order.
 
     A tied model that still ships lm_head.weight is accepted (the head is then used as given).
     """
+    from .families import family_of
+
     held = max((i for n in present if (i := layer_index(n)) is not None), default=-1) + 1
     if spec.num_hidden_layers > held:  # before listing a (perhaps absurdly large) expected set
         raise ConvertError(f"{where}: missing tensor 'model.layers.{held}.input_layernorm.weight' (config.json "
                            f"num_hidden_layers is {spec.num_hidden_layers}, the weights hold {held} layers)")
-    expected = expected_shapes(spec)
+    expected = family_of(spec).expected_shapes(spec)
     if spec.tie_word_embeddings and "lm_head.weight" in present:
         expected["lm_head.weight"] = (spec.vocab_size, spec.hidden_size)
     names = [n for n in present if not n.endswith(IGNORED_SUFFIXES)]

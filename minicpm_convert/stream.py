@@ -3,8 +3,8 @@
 A `TensorJob` names an output tensor (Hugging Face naming), its shape, and how to read any range
 of its rows in float32. Nothing is read until a sink asks, and a sink asks for row chunks, so a
 1 GB embedding never sits in memory whole. Two streams exist: the checkpoint as stored
-(`source_stream`, for GGUF arch minicpm) and the Llama-format one with the muP scalars folded in
-(`llama_stream`, for to-llama, GGUF arch llama and INT4) -- one folding for all of them.
+(`source_stream`, for GGUF arch minicpm) and the Llama-format one (`llama_stream`, for to-llama,
+GGUF arch llama and INT4), which the model's family makes (folding MiniCPM's muP scalars in).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Iterable, Iterator, TypeVar
 
 import torch
@@ -81,6 +81,8 @@ class TensorJob:
     # Rows exactly as stored, when the job changes no value: a sink writing the source dtype
     # copies these instead of a float32 round trip (which would give the same bytes, slower).
     read_stored: Callable[[int, int], torch.Tensor] | None = None
+    # GGUF: rows of this many heads go to ggml's rope layout (q/k); the writer reads whole heads.
+    rope_heads: int | None = None
 
     @property
     def rows(self) -> int:
@@ -101,11 +103,15 @@ class TensorJob:
     def read_all(self) -> torch.Tensor:
         return self.read(0, self.rows)
 
+    def permuted(self, heads: int | None) -> "TensorJob":
+        return replace(self, rope_heads=heads) if heads else self
 
-def _reader(ckpt: Checkpoint, name: str, factor: float | None = None, divisor: float | None = None):
+
+def reader(ckpt: Checkpoint, name: str, factor: float | None = None, divisor: float | None = None):
+    """Rows of a checkpoint tensor in float32, times `factor` and / `divisor` (folding in float32:
+    the sink casts once at the end)."""
     def read(start: int, stop: int) -> torch.Tensor:
         t = ckpt.read(name, start, stop)
-        # Fold in float32; the sink casts once at the end.
         if factor is not None:
             t = t * factor
         if divisor is not None:
@@ -114,100 +120,17 @@ def _reader(ckpt: Checkpoint, name: str, factor: float | None = None, divisor: f
     return read
 
 
-def _stored_reader(ckpt: Checkpoint, name: str):
+def stored_reader(ckpt: Checkpoint, name: str):
     return lambda start, stop: ckpt.read_stored(name, start, stop)
 
 
 def source_stream(ckpt: Checkpoint) -> list[TensorJob]:
     """The checkpoint's tensors as stored (muP scalars left for the runtime)."""
-    return [TensorJob(n, ckpt.shape(n), ckpt.dtype(n), _reader(ckpt, n), _stored_reader(ckpt, n))
+    return [TensorJob(n, ckpt.shape(n), ckpt.dtype(n), reader(ckpt, n), stored_reader(ckpt, n))
             for n in ckpt.names()]
 
 
-def fold_factor(spec: ModelSpec, name: str) -> tuple[float | None, float | None]:
-    """(multiplier, divisor) that folds the muP scalars into one tensor (facts §3)."""
-    if not spec.is_mup:
-        return None, None
-    if name == "model.embed_tokens.weight":
-        return spec.scale_emb, None
-    if name.endswith(("self_attn.o_proj.weight", "mlp.down_proj.weight")) or _is_expert_down(name):
-        return spec.residual_scale, None
-    if name == "lm_head.weight":
-        return None, spec.logit_scale
-    return None, None
-
-
-def _is_expert_down(name: str) -> bool:
-    parts = expert_parts(name)
-    return parts is not None and parts[2] == "w2"
-
-
 def llama_stream(ckpt: Checkpoint) -> list[TensorJob]:
-    """Llama-format tensors: muP folded, head untied (a tied head is the *unscaled* embedding)."""
-    spec = ckpt.spec
-    jobs = []
-    for name in ckpt.names():
-        factor, divisor = fold_factor(spec, name)
-        out = to_mixtral(name) if spec.num_experts else name  # MiniCPM-MoE -> Mixtral layout
-        unchanged = factor is None and divisor is None
-        jobs.append(TensorJob(out, ckpt.shape(name), ckpt.dtype(name), _reader(ckpt, name, factor, divisor),
-                              _stored_reader(ckpt, name) if unchanged else None))
-    if "lm_head.weight" not in ckpt.names():
-        emb = "model.embed_tokens.weight"
-        _, divisor = fold_factor(spec, "lm_head.weight")
-        jobs.append(TensorJob("lm_head.weight", ckpt.shape(emb), ckpt.dtype(emb),
-                              _reader(ckpt, emb, None, divisor)))
-    return jobs
-
-
-def llama_config(spec: ModelSpec, dtype: torch.dtype) -> dict:
-    """config.json of the Llama-format export: no muP keys, no auto_map, untied."""
-    cfg = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "hidden_size": spec.hidden_size,
-        "intermediate_size": spec.intermediate_size,
-        "num_hidden_layers": spec.num_hidden_layers,
-        "num_attention_heads": spec.num_attention_heads,
-        "num_key_value_heads": spec.num_key_value_heads,
-        "head_dim": spec.head_dim,
-        "vocab_size": spec.vocab_size,
-        "max_position_embeddings": spec.max_position_embeddings,
-        "rms_norm_eps": spec.rms_norm_eps,
-        "rope_theta": spec.rope_theta,
-        "hidden_act": spec.hidden_act,
-        "attention_bias": False,
-        "mlp_bias": False,
-        "tie_word_embeddings": False,
-        "bos_token_id": spec.bos_token_id,
-        "eos_token_id": spec.eos_token_id,
-        "torch_dtype": str(dtype).removeprefix("torch."),
-        "use_cache": True,
-    }
-    if spec.rope_type == "longrope":
-        # transformers' Llama reads LongRoPE as rope_type "longrope" with both factor lists.
-        orig = spec.rope_scaling.get("original_max_position_embeddings") or spec.raw["original_max_position_embeddings"]
-        cfg["rope_scaling"] = {"rope_type": "longrope", "short_factor": list(spec.rope_scaling["short_factor"]),
-                               "long_factor": list(spec.rope_scaling["long_factor"]),
-                               "original_max_position_embeddings": orig}
-        cfg["original_max_position_embeddings"] = orig
-    elif spec.rope_scaling is not None:
-        cfg["rope_scaling"] = spec.rope_scaling
-    if spec.num_experts:
-        cfg.update(mixtral_keys(spec))
-    return cfg
-
-
-def mixtral_keys(spec: ModelSpec) -> dict:
-    """MiniCPM-MoE's Llama-format export is a Mixtral: same routing (softmax, top-k, renormalised)."""
-    return {
-        "architectures": ["MixtralForCausalLM"],
-        "model_type": "mixtral",
-        "num_local_experts": spec.num_experts,
-        "num_experts_per_tok": spec.num_experts_per_tok,
-        # Training-only; MiniCPM-MoE trained with a load-balancing loss weight of 0.01.
-        "router_aux_loss_coef": spec.raw.get("router_aux_loss_coef", 0.01),
-        "output_router_logits": False,
-        "router_jitter_noise": 0.0,
-        "sliding_window": None,
-    }
+    """The Llama-format tensors of the checkpoint, as its family makes them."""
+    from .families import family_of
+    return family_of(ckpt.spec).llama_jobs(ckpt)

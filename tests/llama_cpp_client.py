@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-llama_cpp = pytest.importorskip("llama_cpp")
+from tests.requirements import require  # noqa: E402
+
+llama_cpp = require("llama_cpp")
 
 GGML_TYPE_F32 = 0
 

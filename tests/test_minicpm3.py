@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 from minicpm_convert import reference
 from minicpm_convert.sources.checkpoint import Checkpoint
-from minicpm_convert.names import expected_shapes
+from minicpm_convert.families import expected_shapes
 from minicpm_convert.spec import spec_from_config
 from minicpm_convert.verify import compare, prompt_tokens
 from tests.conftest import run_cli

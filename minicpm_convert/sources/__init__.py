@@ -33,7 +33,8 @@ def open_export(path: Path):
         source = Int4Source(path)
         return source, source.kind
     ckpt = Checkpoint(path)
-    if ckpt.spec.model_type != "llama":
+    from ..families import family_of
+    if not family_of(ckpt.spec).llama_format:
         raise ConvertError(f"{path}: expected a Llama-format export (model_type 'llama'), "
-                           f"found model_type '{ckpt.spec.model_type}'")
+                           f"found model_type '{ckpt.spec.raw.get('model_type')}'")
     return ckpt, f"llama-{str(ckpt.storage_dtype).removeprefix('torch.')}"

@@ -161,6 +161,10 @@ class Checkpoint:
     def dtype(self, name: str) -> torch.dtype:
         return self._dtypes[name]
 
+    def storage_type(self, name: str) -> str:
+        """How the tensor is stored: 'bfloat16', 'float16', 'float32' (what bounds its rounding)."""
+        return str(self._dtypes[name]).removeprefix("torch.")
+
     def get(self, name: str) -> torch.Tensor:
         """The stored tensor (a view of the mapped file where possible; do not modify in place)."""
         holder = self._where[name]

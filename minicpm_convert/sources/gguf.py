@@ -11,9 +11,11 @@ from gguf import GGMLQuantizationType as T
 from gguf import GGUFReader, LlamaFileType
 
 from ..errors import ConvertError
+from ..families import GgufFields, family_for_gguf, family_of
+from ..families.base import common_gguf_fields
 from ..names import expert_parts, gguf_to_hf, stacked_name
 from ..quants.ggml import dequantize
-from ..spec import MlaDims, ModelSpec
+from ..spec import ModelSpec
 
 _FILE_TYPE_NAMES = {LlamaFileType.ALL_F32: "f32", LlamaFileType.MOSTLY_F16: "f16", LlamaFileType.MOSTLY_BF16: "bf16",
                     LlamaFileType.MOSTLY_Q8_0: "q8_0", LlamaFileType.MOSTLY_Q4_0: "q4_0",
@@ -29,9 +31,6 @@ class GgufSource:
         except Exception as exc:  # gguf-py fails with numpy/struct errors on damaged files
             raise _unreadable(self.path, exc) from None
         self.arch = self._str("general.architecture")
-        if self.arch not in ("minicpm", "llama", "minicpm3"):
-            raise ConvertError(f"{self.path}: architecture '{self.arch}' is not one verify understands "
-                               "(minicpm, llama, minicpm3)")
         self.version = int(self._field("GGUF.version"))
         self.tensors = self.reader.tensors
         self._by_hf: dict[str, object] = {}
@@ -55,6 +54,10 @@ class GgufSource:
             return default
         return field.contents()
 
+    def field(self, key: str):
+        """A metadata value, or None if the file has no such key."""
+        return self._field(key, default=None)
+
     def _number(self, key: str, default=...):
         value = self._field(key, default)
         if value is default:
@@ -70,63 +73,26 @@ class GgufSource:
         return value
 
     def _spec(self) -> ModelSpec:
-        a = self.arch
-        get = lambda k, d=...: self._number(f"{a}.{k}", d)  # noqa: E731
-        heads = int(get("attention.head_count"))
-        for key in ("embedding_length", "block_count", "feed_forward_length", "attention.head_count"):
-            if not get(key) > 0:
-                raise ConvertError(f"{self.path}: metadata key '{a}.{key}' must be positive, got {get(key)}")
-        if get("embedding_length") % heads:
-            raise ConvertError(f"{self.path}: metadata '{a}.embedding_length' {get('embedding_length')} is not "
-                               f"divisible by '{a}.attention.head_count' {heads}")
+        """The spec, by the family that reads this architecture (families/)."""
+        fields = GgufFields(self.path, self.arch, self._field, {t.name for t in self.tensors}, self._tensor_list)
         tokens = self._field("tokenizer.ggml.tokens", default=None)
-        vocab = int(get("vocab_size", len(tokens) if tokens is not None else 0))
-        common = dict(
-            hidden_size=int(get("embedding_length")), num_hidden_layers=int(get("block_count")),
-            num_attention_heads=heads, num_key_value_heads=int(get("attention.head_count_kv", heads)),
-            intermediate_size=int(get("feed_forward_length")), vocab_size=vocab,
-            rms_norm_eps=float(get("attention.layer_norm_rms_epsilon")), rope_theta=float(get("rope.freq_base", 10000.0)),
-            max_position_embeddings=int(get("context_length")),
-            tie_word_embeddings="lm_head.weight" not in self._by_hf,
-            rope_scaling=self._rope_scaling(get),
-            num_experts=int(get("expert_count", 0)), num_experts_per_tok=int(get("expert_used_count", 0)),
-        )
-        if a == "minicpm3":  # llama.cpp's minicpm3 graph hard-codes MiniCPM3-4B's muP scalars
-            rope = int(get("rope.dimension_count"))
-            mla = MlaDims(q_lora_rank=int(get("attention.q_lora_rank")), kv_lora_rank=int(get("attention.kv_lora_rank")),
-                          qk_nope_head_dim=int(get("attention.key_length")) - rope, qk_rope_head_dim=rope,
-                          v_head_dim=int(get("attention.value_length", common["hidden_size"] // heads)))
-            return ModelSpec(model_type="minicpm3", variant="minicpm3", scale_emb=12.0, scale_depth=1.4,
-                             dim_model_base=256.0, mla=mla, **common)
-        if a == "minicpm":
-            layers = common["num_hidden_layers"]
-            variant = "minicpm-moe" if common["num_experts"] else "minicpm"
-            return ModelSpec(model_type="minicpm", variant=variant, scale_emb=float(get("embedding_scale")),
-                             scale_depth=float(get("residual_scale")) * layers ** 0.5,
-                             dim_model_base=common["hidden_size"] / float(get("logit_scale")), **common)
-        return ModelSpec(model_type="llama", variant="llama", **common)
+        vocab = int(fields.number("vocab_size", len(tokens) if tokens is not None else 0))
+        family = family_for_gguf(fields)
+        return family.from_gguf(fields, common_gguf_fields(fields, vocab, "lm_head.weight" not in self._by_hf))
 
-    def _rope_scaling(self, get) -> dict | None:
-        has_factors = any(t.name == "rope_factors_long.weight" for t in self.tensors)
-        if self._field(f"{self.arch}.rope.scaling.type", None) != "longrope" and not (
-                self.arch == "minicpm3" and has_factors):  # llama.cpp's converter writes MiniCPM3's factors only
-            return None
-        factors = {t.name: np.array(t.data, dtype=np.float32).tolist() for t in self.tensors
-                   if t.name in ("rope_factors_long.weight", "rope_factors_short.weight")}
-        if len(factors) != 2:
-            raise ConvertError(f"{self.path}: LongRoPE file without rope_factors_long/short tensors")
-        return {"rope_type": "longrope", "long_factor": factors["rope_factors_long.weight"],
-                "short_factor": factors["rope_factors_short.weight"],
-                "original_max_position_embeddings": int(get("rope.scaling.original_context_length",
-                                                             get("context_length")))}
+    def _tensor_list(self, name: str) -> list[float] | None:
+        for t in self.tensors:
+            if t.name == name:
+                return np.array(t.data, dtype=np.float32).tolist()
+        return None
 
     def _check_shapes(self) -> None:
-        from ..names import expected_shapes, layer_index
+        from ..names import layer_index
         blocks = max((layer_index(t.name) for t in self.tensors if layer_index(t.name) is not None), default=-1) + 1
         if self.spec.num_hidden_layers > blocks:  # before listing a (perhaps huge) expected set
             raise ConvertError(f"{self.path}: missing tensor 'blk.{blocks}.attn_norm.weight' (metadata block_count "
                                f"is {self.spec.num_hidden_layers}, the file holds {blocks} blocks)")
-        expected = expected_shapes(self.spec)
+        expected = family_of(self.spec).expected_shapes(self.spec)
         for name, shape in expected.items():
             if not self.has(name):
                 raise ConvertError(f"{self.path}: missing tensor '{_gguf_name(name)}'")
@@ -158,6 +124,29 @@ class GgufSource:
         if t is None or len(t.shape) != 3 or expert >= int(t.shape[2]):
             return None
         return t, expert
+
+    def names(self) -> list[str]:
+        """Every weight in Hugging Face naming (stacked experts as one name per expert)."""
+        out = []
+        for name, t in self._by_hf.items():
+            parts = expert_parts(name.replace(".experts.", ".experts.0.")) if ".experts.w" in name else None
+            if parts is not None and len(t.shape) == 3:
+                out += [name.replace(".experts.", f".experts.{e}.") for e in range(int(t.shape[2]))]
+            else:
+                out.append(name)
+        return out
+
+    def storage_type(self, name: str) -> str:
+        """The GGML type of the tensor holding `name` ('Q4_K', 'F16', ...), '/imatrix' appended to a
+        quantized type when the file says an importance matrix guided its encoder (llama-quantize's
+        `quantize.imatrix.*` keys)."""
+        name = name.replace(".block_sparse_moe.", ".mlp.")
+        found = self._expert(name)
+        qtype = (found[0] if found is not None else self._by_hf[name]).tensor_type
+        # Q8_0 and the float types ignore an importance matrix.
+        weighted = qtype not in (T.F32, T.F16, T.BF16, T.Q8_0) and any(k.startswith("quantize.imatrix.")
+                                                                       for k in self.reader.fields)
+        return qtype.name + ("/imatrix" if weighted else "")
 
     def has(self, name: str) -> bool:
         name = name.replace(".block_sparse_moe.", ".mlp.")
@@ -195,8 +184,8 @@ class GgufSource:
         shape = self.shape(name)
         if len(shape) == 1:
             return torch.from_numpy(np.array(t.data, dtype=np.float32).reshape(shape)[start:stop])
-        from ..formats.gguf.layout import qk_heads, unpermute_rows
-        heads = qk_heads(self.spec, name)
+        from ..formats.gguf.layout import unpermute_rows
+        heads = family_of(self.spec).gguf_rope_heads(self.spec, name)
         rows = np.asarray(t.data).reshape(shape[0], -1)
         if heads:  # rows were permuted per head: dequantize whole, un-permute, then slice
             full = torch.from_numpy(self._dequant(rows, t.tensor_type).reshape(shape))

@@ -13,7 +13,7 @@ import torch
 from .checkpoint import Checkpoint
 from ..errors import ConvertError
 from ..formats.hf.int4 import Int4Scheme, is_projection, packed_tensors, read_scheme
-from ..names import expected_shapes
+from ..families import expected_shapes, family_of
 from ..quants import int4
 from ..spec import load_config
 
@@ -32,9 +32,9 @@ class Int4Source:
         self.ckpt = Checkpoint(self.folder, validate=False)
         self.spec = self.ckpt.spec
         where = str(self.folder / "config.json")
-        if self.spec.model_type != "llama":
+        if not family_of(self.spec).llama_format:
             raise ConvertError(f"{where}: expected a Llama-format INT4 export, found model_type "
-                               f"'{self.spec.model_type}'")
+                               f"'{self.spec.raw.get('model_type')}'")
         self.scheme: Int4Scheme = read_scheme(self.ckpt.config.get("quantization_config"), where)
         self.kind = self.scheme.kind
         self._shapes = expected_shapes(self.spec)
@@ -61,6 +61,15 @@ class Int4Source:
     # -- WeightSource ----------------------------------------------------------------------------
     def has(self, name: str) -> bool:
         return name in self._shapes
+
+    def names(self) -> list[str]:
+        return list(self._shapes)
+
+    def storage_type(self, name: str) -> str:
+        from ..fidelity import int4_storage
+        if is_projection(name):
+            return int4_storage(self.scheme.group_size, self.scheme.sym)
+        return self.ckpt.storage_type(name)
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self._shapes[name]

@@ -5,6 +5,8 @@ loses to plain rounding on the fixtures' weights."""
 from __future__ import annotations
 
 import pytest
+
+from tests.requirements import require
 import torch
 
 from minicpm_convert.sources.checkpoint import Checkpoint
@@ -70,7 +72,8 @@ def test_symmetric_gptq_zeros_are_0x77777777():
 @pytest.mark.parametrize("sym", [True, False])
 def test_compressed_packing_is_compressed_tensors_own(sym):
     """The packed words and zero points equal compressed-tensors' pack_to_int32 of its signed codes."""
-    helpers = pytest.importorskip("compressed_tensors.compressors.pack_quantized.helpers")
+    require("compressed_tensors")
+    from compressed_tensors.compressors.pack_quantized import helpers
     codes, scales, zeros = random_parts(48, 256, 64, sym)
     packed = int4.pack_compressed(codes, scales, zeros, 64, sym)
     signed = (codes.to(torch.int32) - 8).to(torch.int8)

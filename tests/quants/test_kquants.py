@@ -7,7 +7,9 @@ import warnings
 import numpy as np
 import pytest
 
-pytest.importorskip("llama_cpp")
+from tests.requirements import require  # noqa: E402
+
+require("llama_cpp")
 
 try:  # tests/quants as a package, or (default rootdir import) as a plain directory
     from . import ggml_oracle

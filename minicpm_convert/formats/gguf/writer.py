@@ -1,5 +1,5 @@
-"""GGUF for llama.cpp: arch `minicpm` (scales as metadata), `llama` (scales folded in), or
-`minicpm3` for MiniCPM3's MLA attention.
+"""GGUF for llama.cpp: the model family chooses the architecture (`minicpm` with the scales as
+metadata, `llama` with them folded in, `minicpm3` for MLA), its keys and its tensors.
 
 Tensors are written in llama-quantize's order with llama-quantize's type plan, each read,
 permuted, quantized and written in row chunks, so memory stays at one chunk of one tensor.
@@ -15,40 +15,25 @@ from gguf import GGMLQuantizationType as T
 from gguf import GGUFWriter
 
 from ... import __version__
-from ...sources.checkpoint import Checkpoint
-from ...names import hf_to_gguf
+from ...families import family_of
 from ...progress import progress_bar
-from .plan import BLOCK, FileType, sort_key, tensor_type
 from ...quants.ggml import quantize
 from ...quants.kquants import compiled_kernel
-from .layout import permute_rows, qk_heads
+from ...sources.checkpoint import Checkpoint
+from ...stream import PARALLEL_CHUNK_VALUES, TensorJob, ordered_map
+from .layout import permute_rows
+from .plan import BLOCK, FileType, sort_key, tensor_type
 from .vocab import add_vocab
-from ...stream import PARALLEL_CHUNK_VALUES, TensorJob, llama_stream, ordered_map, source_stream
-
-def longrope_original_length(spec) -> int:
-    return spec.rope_scaling.get("original_max_position_embeddings") or spec.raw["original_max_position_embeddings"]
 
 
-def rope_factor_jobs(spec) -> list[tuple[str, TensorJob]]:
-    """LongRoPE's factor lists as the two f32 tensors llama.cpp reads (as its converter writes them)."""
-    if spec.rope_type != "longrope":
-        return []
-    jobs = []
-    for which in ("long", "short"):
-        values = torch.tensor(spec.rope_scaling[f"{which}_factor"], dtype=torch.float32)
-        jobs.append((f"rope_factors_{which}.weight",
-                     TensorJob(f"rope_factors_{which}", tuple(values.shape), torch.float32,
-                               lambda start, stop, v=values: v[start:stop])))
-    return jobs
+def file_arch(ckpt: Checkpoint, requested: str | None) -> str:
+    """The GGUF architecture written for `--arch requested` (None: the family's own)."""
+    return family_of(ckpt.spec).gguf_arch(ckpt.spec, requested)
 
 
 def gguf_jobs(ckpt: Checkpoint, arch: str) -> list[tuple[str, TensorJob]]:
     """(gguf name, job) in llama-quantize's order; a tied minicpm head is not written."""
-    jobs = llama_stream(ckpt) if arch == "llama" else source_stream(ckpt)
-    if ckpt.spec.num_experts:
-        from .experts import stack_experts
-        jobs = stack_experts(jobs, ckpt.spec.num_experts)
-    named = [(hf_to_gguf(j.name), j) for j in jobs] + rope_factor_jobs(ckpt.spec)
+    named = family_of(ckpt.spec).gguf_jobs(ckpt, arch)
     return sorted(named, key=lambda item: sort_key(item[0]))
 
 
@@ -61,32 +46,7 @@ def add_metadata(w: GGUFWriter, ckpt: Checkpoint, arch: str, ft: FileType, sourc
         w.add_source_repo_url(f"https://huggingface.co/{source}")
     w.add_string("minicpm_convert.version", __version__)
     w.add_string("minicpm_convert.arch", arch)
-    w.add_block_count(spec.num_hidden_layers)
-    w.add_context_length(spec.max_position_embeddings)
-    w.add_embedding_length(spec.hidden_size)
-    w.add_feed_forward_length(spec.intermediate_size)
-    w.add_head_count(spec.num_attention_heads)
-    w.add_head_count_kv(spec.num_key_value_heads)
-    w.add_layer_norm_rms_eps(spec.rms_norm_eps)
-    w.add_rope_freq_base(spec.rope_theta)
-    w.add_rope_dimension_count(spec.rope_dim)
-    if spec.mla:  # as llama.cpp's converter writes MiniCPM3; its graph hard-codes the muP scalars
-        w.add_q_lora_rank(spec.mla.q_lora_rank)
-        w.add_kv_lora_rank(spec.mla.kv_lora_rank)
-        w.add_key_length(spec.mla.qk_head_dim)
-        w.add_value_length(spec.mla.v_head_dim)
-    if spec.rope_type == "longrope":
-        from gguf import RopeScalingType
-        w.add_rope_scaling_type(RopeScalingType.LONGROPE)
-        w.add_rope_scaling_orig_ctx_len(longrope_original_length(spec))
-    w.add_vocab_size(spec.vocab_size)
-    if spec.num_experts:
-        w.add_expert_count(spec.num_experts)
-        w.add_expert_used_count(spec.num_experts_per_tok)
-    if arch == "minicpm":
-        w.add_embedding_scale(spec.scale_emb)
-        w.add_residual_scale(spec.residual_scale)
-        w.add_logit_scale(spec.logit_scale)
+    family_of(spec).gguf_metadata(w, spec, arch)
     w.add_file_type(int(ft.ftype))
     w.add_quantization_version(2)
     add_vocab(w, ckpt.folder, spec.vocab_size)
@@ -135,15 +95,14 @@ def row_bytes(qtype: T, ncols: int) -> int:
     return ncols // block * size
 
 
-def write_gguf(ckpt: Checkpoint, out: Path, ft: FileType, arch: str, source: str, *, quiet: bool = False,
+def write_gguf(ckpt: Checkpoint, out: Path, ft: FileType, arch: str | None, source: str, *, quiet: bool = False,
                threads: int | None = None) -> dict[str, T]:
     """Write the GGUF file at `out`; return the type chosen for each tensor.
 
-    `threads`: worker threads (default: every CPU, see stream.worker_threads); the file's bytes
-    are the same for any count."""
+    `arch`: the requested architecture (None: the family's own). `threads`: worker threads
+    (default: every CPU, see stream.worker_threads); the file's bytes are the same for any count."""
     spec = ckpt.spec
-    if spec.mla:
-        arch = "minicpm3"  # MLA has its own llama.cpp architecture (the CLI refuses --arch llama)
+    arch = file_arch(ckpt, arch)
     jobs = gguf_jobs(ckpt, arch)
     tied = not any(name == "output.weight" for name, _ in jobs)
     plan = {name: tensor_type(name, job.shape, ft, spec.num_hidden_layers, tied, spec.num_experts)
@@ -162,7 +121,7 @@ def write_gguf(ckpt: Checkpoint, out: Path, ft: FileType, arch: str, source: str
 
     def work():  # (tensor index, is its last chunk, work item) in file order
         for i, (name, job) in enumerate(jobs):
-            heads = qk_heads(spec, job.name)
+            heads = job.rope_heads
             # a permutation needs whole heads
             chunks = [(0, job.rows)] if heads else list(job.chunks(PARALLEL_CHUNK_VALUES))
             for k, (start, stop) in enumerate(chunks):

@@ -22,7 +22,8 @@ from .int4 import Int4Scheme, check_shapes, is_projection, layer_type, packed_te
 from ...progress import progress_bar
 from ...quants import int4
 from ...sources.safetensors_file import safetensors_header, write_tensor
-from ...stream import TensorJob, llama_config
+from ...stream import TensorJob
+from ...families import family_of
 from .llama import plan_shards, write_side_files
 
 FLOAT_DTYPE = torch.float16  # embeddings, norms and lm_head, as GPTQ and llm-compressor exports keep them
@@ -130,7 +131,7 @@ def write_int4(ckpt: Checkpoint, jobs: list[TensorJob], out: Path, scheme: Int4S
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     qc = quantization_config(scheme, search)
-    cfg = llama_config(ckpt.spec, FLOAT_DTYPE) | {"quantization_config": qc}
+    cfg = family_of(ckpt.spec).llama_config(ckpt.spec, FLOAT_DTYPE) | {"quantization_config": qc}
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     if scheme.format == "gptq":  # GPTQModel and AutoGPTQ read this file rather than config.json
         (out / "quantize_config.json").write_text(json.dumps(qc, indent=2) + "\n")

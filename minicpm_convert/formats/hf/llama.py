@@ -12,7 +12,8 @@ import torch
 from ...sources.checkpoint import Checkpoint
 from ...progress import progress_bar
 from ...sources.safetensors_file import safetensors_header, write_tensor
-from ...stream import PARALLEL_CHUNK_VALUES, TensorJob, llama_config, ordered_map
+from ...stream import PARALLEL_CHUNK_VALUES, TensorJob, ordered_map
+from ...families import family_of
 
 ELEMENT_SIZE = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
 
@@ -69,7 +70,7 @@ def write_safetensors_shards(out: Path, jobs: list[TensorJob], dtype: torch.dtyp
 def write_llama(ckpt: Checkpoint, jobs: list[TensorJob], out: Path, dtype: torch.dtype, shard_bytes: int,
                 *, quiet: bool = False) -> None:
     write_safetensors_shards(out, jobs, dtype, shard_bytes, quiet=quiet)
-    cfg = llama_config(ckpt.spec, dtype)
+    cfg = family_of(ckpt.spec).llama_config(ckpt.spec, dtype)
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     write_side_files(ckpt, out)
 

@@ -1,0 +1,246 @@
+"""The Python API: every command as a function returning a result object (the CLI is a thin
+layer over these).
+
+    import minicpm_convert as mc
+    mc.to_llama("openbmb/MiniCPM-2B-sft-bf16", "out/llama")
+    mc.to_gguf("openbmb/MiniCPM-2B-sft-bf16", "out/", quant="q4_K_M")   # a folder: llama.cpp's file name
+    mc.to_int4("openbmb/MiniCPM-2B-sft-bf16", "out/int4", format="compressed-tensors")
+    result = mc.verify("openbmb/MiniCPM-2B-sft-bf16", ["out/llama", "out/model-Q4_K_M.gguf"])
+    mc.inspect("out/llama")
+
+Bad input raises `ConvertError` (one line naming the file, tensor or key). `notes` receives what
+an export keeps differently from the original, before the work starts (default: ignored; the
+result carries them too). Progress bars appear only with `quiet=False` on a terminal.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from .errors import ConvertError
+
+Notes = Callable[[str], None] | None
+PathLike = str | os.PathLike
+
+
+@dataclass
+class Export:
+    """A written export: where it is and what it holds."""
+
+    path: Path
+    kind: str  # "LlamaForCausalLM, bfloat16", "GGUF arch minicpm, q4_K_M", "INT4 gptq, group 128, sym"
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class GgufExport(Export):
+    arch: str = ""
+    file_type: str = ""
+    tensor_types: dict[str, str] = field(default_factory=dict)  # GGUF tensor name -> GGML type name
+
+
+@dataclass
+class Int4Export(Export):
+    report: object = None  # formats.hf.int4_writer.ErrorReport: relative weight error per tensor
+
+
+def _open(src: PathLike):
+    from .sources.checkpoint import Checkpoint
+    return Checkpoint.open(src)
+
+
+def _checked(ckpt, command: str, out, notes: Notes) -> list[str]:
+    from .families import check
+    found = check(ckpt.spec, command, ckpt.folder)
+    for note in found:
+        if notes is not None:
+            notes(f"{out}: {note}")
+    return found
+
+
+def _folder_target(out: PathLike, force: bool, ckpt):
+    from .output import Protected, folder_output
+    return folder_output(out, force, Protected.of([ckpt.folder]))
+
+
+def source_name(src: PathLike) -> str:
+    """The source as recorded in an export: a Hub id as given, a folder by its name (no absolute
+    path, so the same conversion gives the same bytes anywhere)."""
+    path = Path(src)
+    return path.resolve().name if path.exists() else str(src)
+
+
+def parse_size(text: str | int, option: str = "--shard-size") -> int:
+    """'2GB', '500MB', '1.5G' or a byte count."""
+    import re
+    if isinstance(text, int):
+        if text < 1:
+            raise ConvertError(f"{option}: must be positive, got {text}")
+        return text
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*", text, re.IGNORECASE)
+    if not m:
+        raise ConvertError(f"{option}: cannot read {text!r} (examples: 2GB, 500MB)")
+    value = float(m.group(1)) * 1000 ** "_KMGT".index(m.group(2).upper() or "_")
+    if value < 1:
+        raise ConvertError(f"{option}: must be positive, got {text!r}")
+    return int(value)
+
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def to_llama(src: PathLike, out: PathLike, *, dtype: str = "auto", shard_size: str | int = "2GB",
+             force: bool = False, quiet: bool = True, notes: Notes = None) -> Export:
+    """Fold the muP scale factors into the weights and write a Llama-format checkpoint folder."""
+    from .families import family_of
+    from .formats.hf.llama import write_llama
+    from .output import atomic_folder, write_manifest
+    from .stream import llama_stream
+
+    if dtype != "auto" and dtype not in DTYPES:
+        raise ConvertError(f"--dtype: unknown dtype {dtype!r} (auto, {', '.join(DTYPES)})")
+    shard_bytes = parse_size(shard_size)
+    ckpt = _open(src)
+    target = _folder_target(out, force, ckpt)
+    found = _checked(ckpt, "to-llama", target.path, notes)
+    torch_dtype = ckpt.storage_dtype if dtype == "auto" else DTYPES[dtype]
+    if torch_dtype not in DTYPES.values():
+        raise ConvertError(f"{ckpt.folder}: stored as {torch_dtype}; pass --dtype bfloat16|float16|float32")
+    with atomic_folder(target) as tmp:
+        write_llama(ckpt, llama_stream(ckpt), tmp, torch_dtype, shard_bytes, quiet=quiet)
+        write_manifest(tmp, command="to-llama", source=source_name(src))
+    arch = family_of(ckpt.spec).llama_architecture(ckpt.spec)
+    return Export(target.path, f"{arch}, {str(torch_dtype).removeprefix('torch.')}", found)
+
+
+def to_gguf(src: PathLike, out: PathLike, *, quant: str = "q4_K_M", arch: str | None = None, force: bool = False,
+            quiet: bool = True, notes: Notes = None) -> GgufExport:
+    """Write a GGUF file (OUT, or a file named as llama.cpp's converter would inside the folder OUT).
+
+    `arch`: 'minicpm' (scales as metadata), 'llama' (folded) or None for the family's own."""
+    from .formats.gguf.metadata import default_file_name, model_metadata
+    from .formats.gguf.plan import FILE_TYPES, file_type
+    from .formats.gguf.writer import file_arch, gguf_jobs, write_gguf
+    from .output import Protected, atomic_file, file_output
+
+    ft = file_type(quant)
+    if ft is None:
+        raise ConvertError(f"--quant: unknown type {quant!r} (choose from {', '.join(FILE_TYPES)})")
+    if arch not in (None, "minicpm", "llama"):
+        raise ConvertError(f"--arch: unknown architecture {arch!r} (minicpm, llama)")
+    ckpt = _open(src)
+    written_arch = file_arch(ckpt, arch)
+
+    def default_name() -> str:
+        jobs = gguf_jobs(ckpt, written_arch)
+        return default_file_name(model_metadata(ckpt.folder, [(n, j.shape) for n, j in jobs]), ft)
+
+    final = file_output(out, default_name, force, Protected.of([ckpt.folder]))
+    found = _checked(ckpt, "to-gguf --arch llama" if arch == "llama" else "to-gguf", final, notes)
+    with atomic_file(final) as tmp:
+        plan = write_gguf(ckpt, tmp, ft, arch, str(src), quiet=quiet)
+    return GgufExport(final, f"GGUF arch {written_arch}, {ft.name}", found, arch=written_arch, file_type=ft.name,
+                      tensor_types={name: t.name for name, t in plan.items()})
+
+
+def to_int4(src: PathLike, out: PathLike, *, format: str = "gptq", group_size: int = 128, sym: bool = True,
+            search: bool = True, force: bool = False, quiet: bool = True, notes: Notes = None) -> Int4Export:
+    """Write a 4-bit group-quantized Llama-format checkpoint folder (GPTQ v1 or compressed-tensors)."""
+    from .formats.hf.int4 import FORMATS, GROUP_SIZES, Int4Scheme
+    from .formats.hf.int4_writer import write_int4
+    from .output import atomic_folder, write_manifest
+    from .stream import llama_stream
+
+    if format not in FORMATS:
+        raise ConvertError(f"--format: unknown INT4 format {format!r} ({', '.join(FORMATS)})")
+    if group_size not in GROUP_SIZES:
+        raise ConvertError(f"--group-size: {group_size} is not one of {', '.join(map(str, GROUP_SIZES))}")
+    ckpt = _open(src)
+    target = _folder_target(out, force, ckpt)
+    found = _checked(ckpt, "to-int4", target.path, notes)
+    scheme = Int4Scheme(format, group_size, sym)
+    with atomic_folder(target) as tmp:
+        report = write_int4(ckpt, llama_stream(ckpt), tmp, scheme, search=search, quiet=quiet)
+        write_manifest(tmp, command="to-int4", source=source_name(src))
+    return Int4Export(target.path, f"INT4 {format}, group {group_size}, {'sym' if sym else 'asym'}", found,
+                      report=report)
+
+
+@dataclass
+class VerifyResult:
+    source: str
+    tokens: list[int]
+    reports: list  # verify.Report, one per export
+    json_path: Path | None = None
+
+    @property
+    def passed(self) -> bool:
+        return all(r.passed for r in self.reports)
+
+    def as_dict(self) -> dict:
+        return {"source": self.source, "tokens": self.tokens, "exports": [r.as_dict() for r in self.reports],
+                "passed": self.passed}
+
+
+def verify(src: PathLike, exports: Sequence[PathLike], *, text: PathLike | None = None, prompt: str | None = None,
+           tokens: Sequence[int] | None = None, ctx: int = 512, max_kl: float | None = None,
+           json_path: PathLike | None = None, force: bool = False) -> VerifyResult:
+    """Prove each export of SRC (see `verify.py`): weights within their storage type's bounds,
+    metadata equal to the source's, logits on real text compared. `text` is a file; `prompt` a
+    text; `tokens` ids; none of them: the bundled text."""
+    from .families import check
+    from .output import Protected, file_output, write_json_file
+    from .verify import text_tokens, verify as run_verify
+
+    if sum(x is not None for x in (text, prompt, tokens)) > 1:
+        raise ConvertError("give one of --text, --prompt or --tokens")
+    if ctx < 2:
+        raise ConvertError(f"--ctx: must be at least 2, got {ctx}")
+    if max_kl is not None and not max_kl >= 0:
+        raise ConvertError(f"--max-kl: must be a non-negative number, got {max_kl}")
+    ckpt = _open(src)
+    check(ckpt.spec, "verify", ckpt.folder)
+    export_paths = [Path(e) for e in exports]
+    inputs = export_paths + ([Path(text)] if text is not None else [])
+    json_final = None
+    if json_path is not None:
+        json_final = file_output(json_path, lambda: "verify.json", force, Protected.of([ckpt.folder], inputs))
+    if text is not None:
+        prompt = read_text(Path(text))
+    ids = text_tokens(ckpt, prompt, list(tokens) if tokens is not None else None)
+    if len(ids) < 2:
+        raise ConvertError("the text gives fewer than 2 tokens; nothing to score")
+    if min(ctx, len(ids)) > ckpt.spec.max_position_embeddings:
+        raise ConvertError(f"--ctx {ctx} exceeds max_position_embeddings ({ckpt.spec.max_position_embeddings})")
+    result = VerifyResult(str(src), ids, run_verify(ckpt, export_paths, ids, ctx=ctx, max_kl=max_kl), json_final)
+    if json_final is not None:
+        write_json_file(json_final, result.as_dict())
+    return result
+
+
+def read_text(path: Path) -> str:
+    """A calibration or evaluation text: UTF-8, not empty (one clear line otherwise)."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConvertError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if b"\x00" in data:
+        raise ConvertError(f"{path}: not a text file (it holds NUL bytes)")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConvertError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    if not text.strip():
+        raise ConvertError(f"{path}: is empty")
+    return text
+
+
+def inspect(path: PathLike):
+    """What a checkpoint, export folder, GGUF file or Hub repo holds (an `inspect.Inspection`)."""
+    from .inspect import inspect as run_inspect
+    return run_inspect(str(path))

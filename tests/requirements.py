@@ -1,0 +1,46 @@
+"""The clients and kernels the tests promise. Outside CI a missing one skips its tests; under
+`CI=true` it fails them, so a promised real client can never quietly vanish."""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import pytest
+
+IN_CI = os.environ.get("CI", "").strip().lower() in {"1", "true", "yes"}
+
+
+def _libggml():
+    from tests.quants.ggml_oracle import load
+    return load()
+
+
+def _kquants():
+    from minicpm_convert.quants import kquants
+    return kquants._compiled
+
+
+LOADERS = {
+    "llama_cpp": lambda: importlib.import_module("llama_cpp"),
+    "libggml": _libggml,  # llama.cpp's quantizer (ggml_quantize_chunk) from the installed llama-cpp-python
+    "compressed_tensors": lambda: importlib.import_module("compressed_tensors"),
+    "transformers": lambda: importlib.import_module("transformers"),
+    "compiled kernels": _kquants,  # minicpm_convert's C extension
+}
+
+
+def require(name: str):
+    """The promised client `name` (a module or loaded library); skip, or fail under CI, if missing."""
+    try:
+        found = LOADERS[name]()
+    except ImportError as exc:
+        found, why = None, str(exc)
+    else:
+        why = "not found"
+    if found is None:
+        message = f"{name} is missing ({why})"
+        if IN_CI:
+            pytest.fail(f"{message}: CI promises it", pytrace=False)
+        pytest.skip(message)
+    return found
