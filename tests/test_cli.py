@@ -36,8 +36,11 @@ def test_convert_then_verify_passes_with_json(tmp_path, fixture_path):
     assert report["passed"] is True
     kinds = {e["kind"]: e for e in report["exports"]}
     assert set(kinds) == {"llama-float16", "gguf-q4_K_M"}
-    assert kinds["llama-float16"]["top1"] == 1.0
-    assert 0 < kinds["gguf-q4_K_M"]["kl"] < kinds["gguf-q4_K_M"]["threshold"]["kl"]
+    for e in kinds.values():
+        assert e["passed"] and e["failures"] == [] and e["worst_tensor"]["worst_over_bound"] <= 1
+        assert len(e["tensors"]) >= 2 * 9 + 2  # every tensor was checked
+    assert kinds["llama-float16"]["text"]["top1"] == 1.0 and kinds["llama-float16"]["text"]["kl_max"] < 1e-4
+    assert 0 < kinds["gguf-q4_K_M"]["text"]["kl_mean"] < 1
 
 
 def test_verify_fails_a_broken_export(tmp_path, fixture_path):
@@ -51,7 +54,7 @@ def test_verify_fails_a_broken_export(tmp_path, fixture_path):
             tensors[name] = tensors[name] / 0.7  # undo scale_depth/sqrt(4)
     save_file(tensors, shard, metadata={"format": "pt"})
     code, out_text, _ = run_cli("verify", fixture_path("tiny"), out, "--tokens", "1,20,300,400,500,600,700,800")
-    assert code == 1 and "FAIL" in out_text
+    assert code == 1 and "FAIL llama: tensor 'model.layers" in out_text and "o_proj.weight' (float32)" in out_text
 
 
 def test_existing_output_needs_force(tmp_path, fixture_path):

@@ -149,6 +149,10 @@ def _quantize_block(x: torch.Tensor, sym: bool, search: bool) -> tuple[torch.Ten
     s = fp16_scale((xmax - xmin) / QMAX)
     if not torch.isfinite(s).all():
         raise ValueError("a group's scale is too large for float16")
+    if not sym:
+        # GPTQ v1 cannot store zero 0 (zeros are clamped to 1): a group without negative values
+        # maps [0, max] onto codes 1..15, so its top is not cut by a step.
+        s = torch.where(torch.round(-xmin / s) < 1, fp16_scale(xmax / (QMAX - 1)), s)
     z = torch.full_like(s, SYM_ZERO) if sym else _asym_zero(xmin, s)
     if search:
         weights = _importance(x)

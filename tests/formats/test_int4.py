@@ -14,11 +14,12 @@ from minicpm_convert import reference
 from minicpm_convert.sources.checkpoint import Checkpoint
 from minicpm_convert.formats.hf.int4 import is_projection
 from minicpm_convert.sources.int4 import Int4Source
-from minicpm_convert.names import expected_shapes
+from minicpm_convert.families import expected_shapes
 from minicpm_convert.quants import int4
 from minicpm_convert.stream import llama_stream
-from minicpm_convert.verify import THRESHOLDS, compare, judge, prompt_tokens
+from minicpm_convert.verify import compare, prompt_tokens, verify
 from tests.conftest import run_cli
+from tests.requirements import require
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -56,14 +57,14 @@ def check_against_references(folder, src_dir, got, tol):
     source = Int4Source(folder)
     same_weights = compare(reference.forward(source, tokens), got)
     assert same_weights["rel_err"] < tol, same_weights
-    original = compare(reference.forward(src, tokens), got)
-    assert judge(original, THRESHOLDS[source.kind]), original
+    report, = verify(src, [folder], tokens)
+    assert report.passed, report.failures
 
 
 # -- (a) transformers + compressed-tensors, the real client ---------------------------------------
 @pytest.mark.parametrize("name", ["tiny", "gqa"])
 def test_transformers_loads_compressed_tensors_export(name, int4_export, fixture_path):
-    pytest.importorskip("compressed_tensors")
+    require("compressed_tensors")
     folder = int4_export(name, "compressed-tensors")
     got = transformers_logits(folder, prompt_tokens(Checkpoint(fixture_path(name)), None, None))
     check_against_references(folder, fixture_path(name), got, tol=1e-3)
@@ -73,7 +74,7 @@ def test_transformers_loads_compressed_tensors_export(name, int4_export, fixture
                    "point unpacked on the meta model, so the packed checkpoint tensor mismatches "
                    "(llm-compressor issue 1618); the layout itself is checked against compressed-tensors below")
 def test_transformers_loads_asymmetric_compressed_tensors_export(int4_export, fixture_path):
-    pytest.importorskip("compressed_tensors")
+    require("compressed_tensors")
     folder = int4_export("tiny", "compressed-tensors", 64, sym=False)
     got = transformers_logits(folder, prompt_tokens(Checkpoint(fixture_path("tiny")), None, None))
     check_against_references(folder, fixture_path("tiny"), got, tol=1e-3)
@@ -82,7 +83,7 @@ def test_transformers_loads_asymmetric_compressed_tensors_export(int4_export, fi
 @pytest.mark.parametrize("sym", [True, False])
 def test_compressed_tensors_decompressor_gives_our_weights(sym, int4_export):
     """compressed-tensors' own PackedQuantizationCompressor decodes every layer to our weights."""
-    pytest.importorskip("compressed_tensors")
+    require("compressed_tensors")
     from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
     from compressed_tensors.quantization import QuantizationConfig
 
@@ -103,7 +104,7 @@ def test_compressed_tensors_decompressor_gives_our_weights(sym, int4_export):
 
 @pytest.mark.parametrize("sym", [True, False])
 def test_compressed_tensors_config_parses(sym, int4_export):
-    pytest.importorskip("compressed_tensors")
+    require("compressed_tensors")
     from compressed_tensors.quantization import QuantizationConfig
 
     cfg = json.loads((int4_export("tiny", "compressed-tensors", 128, sym=sym) / "config.json").read_text())
@@ -189,10 +190,12 @@ def test_to_int4_then_verify_passes(fmt, int4_export, fixture_path):
 
 
 def test_report_file_and_table(fixture_path, tmp_path):
-    code, out, err = run_cli("to-int4", fixture_path("tiny"), tmp_path / "x", "-q")
+    code, out, err = run_cli("to-int4", fixture_path("tiny"), tmp_path / "x")
     assert code == 0, err
     for kind in PROJECTIONS:
         assert kind in out
+    code, out, err = run_cli("to-int4", fixture_path("tiny"), tmp_path / "quiet", "-q")
+    assert code == 0 and out == "", out  # --quiet: no table; the figures are in the report file
     report = json.loads((tmp_path / "x" / "quantization_report.json").read_text())
     assert (report["format"], report["group_size"], report["sym"], report["search"]) == ("gptq", 128, True, True)
     assert set(report["by_layer_type"]) == {p for p in PROJECTIONS}
@@ -217,6 +220,6 @@ def test_bad_group_size_is_one_line_exit_2(args, message, fixture_path, tmp_path
 
 
 def test_refuses_existing_output_without_force(fixture_path, tmp_path):
-    (tmp_path / "out").mkdir()
+    assert run_cli("to-int4", fixture_path("tiny"), tmp_path / "out", "-q")[0] == 0
     code, _, err = run_cli("to-int4", fixture_path("tiny"), tmp_path / "out")
-    assert code == 2 and "already exists" in err
+    assert code == 2 and "already exists" in err and "--force" in err

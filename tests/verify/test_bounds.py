@@ -1,0 +1,155 @@
+"""The weight-check bounds hold for any weights and any correct encoder, and have teeth.
+
+"Any correct encoder" is llama.cpp's own quantizer (`ggml_quantize_chunk` from the installed
+libggml), with and without an importance matrix (uniform, heavy-tailed, mostly zero, one-hot),
+on its exact input and on f16-rounded input, over data that stresses the formats: heavy tails,
+outlier columns, one-sided and constant blocks, sub-blocks of very different magnitude,
+subnormals. Every element/block must fall within its bound; a row swapped with another, which
+a broken layout produces, must not.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as T
+from gguf import quants as gq
+
+from minicpm_convert.fidelity import TensorCheck, compare_rows, int4_storage
+from minicpm_convert.quants import int4
+
+from tests.requirements import require
+
+TYPES = ["Q8_0", "Q4_0", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"]
+ROWS, COLS = 24, 512
+
+
+def data(kind: str, rng: np.random.Generator) -> np.ndarray:
+    shape = (ROWS, COLS)
+    if kind == "gauss":
+        return rng.standard_normal(shape)
+    if kind == "heavy":
+        return rng.standard_t(2, shape)
+    if kind == "outlier-columns":
+        x = rng.standard_normal(shape)
+        x[:, rng.choice(COLS, 6, replace=False)] *= 30
+        return x
+    if kind == "one-sided":
+        return np.abs(rng.standard_normal(shape)) + 0.5
+    if kind == "constant-blocks":
+        x = rng.standard_normal(shape)
+        x[:, :64] = 0.37
+        x[:, 64:96] = 0.0
+        return x
+    if kind == "mixed-magnitudes":  # sub-blocks of one super-block 1000x apart
+        x = rng.standard_normal(shape)
+        x *= np.repeat(10.0 ** rng.uniform(-3, 0, (ROWS, COLS // 32)), 32, axis=1)
+        return x
+    if kind == "tiny":
+        return rng.standard_normal(shape) * 1e-30
+    if kind == "embedding-like":  # rows of very different norms, small values
+        return rng.standard_normal(shape) * rng.uniform(0.001, 0.2, (ROWS, 1))
+    raise ValueError(kind)
+
+
+def importance(kind: str | None, rng: np.random.Generator) -> np.ndarray | None:
+    if kind is None:
+        return None
+    if kind == "uniform":
+        return rng.uniform(0, 1, COLS)
+    if kind == "heavy":
+        return np.exp(3 * rng.standard_normal(COLS))
+    if kind == "llm-like":  # log-normal spread and a few outlier channels, as activations have
+        w = np.exp(1.5 * rng.standard_normal(COLS))
+        w[rng.choice(COLS, 4, replace=False)] *= 1e4
+        return w
+    raise ValueError(kind)
+
+
+def ggml_quantize(lib, qtype: str, x: np.ndarray, imatrix: np.ndarray | None) -> np.ndarray:
+    from tests.quants.ggml_oracle import GGML_TYPE, _c_float_p
+
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    rs = lib.ggml_row_size(GGML_TYPE[qtype], COLS)
+    dst = np.zeros((ROWS, rs), dtype=np.uint8)
+    w = None if imatrix is None else np.ascontiguousarray(imatrix, dtype=np.float32)
+    lib.ggml_quantize_chunk(GGML_TYPE[qtype], x.ctypes.data_as(_c_float_p), dst.ctypes.data, 0, ROWS, COLS,
+                            None if w is None else w.ctypes.data_as(_c_float_p))
+    return dst
+
+
+def worst(storage: str, x: np.ndarray, decoded: np.ndarray) -> TensorCheck:
+    check = TensorCheck("t", storage)
+    compare_rows(check, torch.from_numpy(x.astype(np.float32)), torch.from_numpy(decoded.astype(np.float32)), 0)
+    return check
+
+
+@pytest.fixture(scope="module")
+def lib():
+    oracle = require("libggml")
+    return oracle.lib
+
+
+DATA = ["gauss", "heavy", "outlier-columns", "one-sided", "constant-blocks", "mixed-magnitudes", "tiny",
+        "embedding-like"]
+IMATRIX = ["uniform", "heavy", "llm-like"]
+
+
+# llama.cpp's Q8_0 ignores an importance matrix: its files are judged as plain ones.
+CASES = [(q, w) for q in TYPES for w in (False, True) if not (w and q == "Q8_0")]
+
+
+@pytest.mark.parametrize("qtype,weighted", CASES, ids=[f"{q}-{'imatrix' if w else 'plain'}" for q, w in CASES])
+def test_llama_cpps_encoder_is_always_within_the_bound(qtype, weighted, lib):
+    """Without an importance matrix every value is within its block's bound; with one (the file
+    then says so), every block's RMS error is within its bound."""
+    rng = np.random.default_rng(7)
+    storage = qtype + ("/imatrix" if weighted else "")
+    ratios = []
+    for kind in DATA:
+        x = data(kind, rng).astype(np.float32)
+        for imx in (IMATRIX if weighted else [None]):
+            for source in (x, x.astype(np.float16).astype(np.float32)):
+                q = ggml_quantize(lib, qtype, source, importance(imx, rng))
+                got = gq.dequantize(q, T[qtype]).reshape(ROWS, COLS)
+                check = worst(storage, x, got)
+                ratios.append(check.worst)
+                assert check.passed, (kind, imx, check.worst, check.where)
+    assert max(ratios) > 0.2, f"{qtype}: the bound is far looser than the encoder ({max(ratios):.3f})"
+
+
+@pytest.mark.parametrize("weighted", [False, True], ids=["plain", "imatrix"])
+@pytest.mark.parametrize("qtype", TYPES)
+def test_a_swapped_row_or_a_doubled_scale_breaks_the_bound(qtype, weighted, lib):
+    rng = np.random.default_rng(8)
+    storage = qtype + ("/imatrix" if weighted else "")
+    for kind in ("gauss", "heavy", "outlier-columns", "embedding-like"):
+        x = data(kind, rng).astype(np.float32)
+        q = ggml_quantize(lib, qtype, x, importance("llm-like", rng) if weighted else None)
+        got = gq.dequantize(q, T[qtype]).reshape(ROWS, COLS)
+        swapped = got.copy()
+        swapped[[0, 1]] = swapped[[1, 0]]
+        assert worst(storage, x, swapped).worst > (1.2 if weighted else 2), kind
+        assert worst(storage, x, got * 2).worst > 1.2, kind
+
+
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_int4_groups_within_and_broken_out_of_the_bound(group, sym):
+    rng = np.random.default_rng(9)
+    storage = int4_storage(group, sym)
+    for kind in DATA:
+        x = torch.from_numpy(data(kind, rng).astype(np.float32))
+        for search in (False, True):
+            codes, scales, zeros = int4.quantize_groups(x, group, sym, search)
+            got = int4.dequantize(codes, scales, zeros, group)
+            check = TensorCheck("t", storage)
+            compare_rows(check, x, got, 0)
+            assert check.passed, (kind, search, check.worst, check.where)
+        off = int4.dequantize(codes, scales, (zeros + 1).clamp(max=15) if not sym else zeros + 1, group)
+        check = TensorCheck("t", storage)
+        compare_rows(check, x, off, 0)
+        assert check.worst > 1.5, (kind, "zero off by one", check.worst)
