@@ -3,8 +3,10 @@ PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 # llama-cpp-python compiles llama.cpp; portable flags so the build runs on any x86-64 CPU.
 export CMAKE_ARGS ?= -DGGML_NATIVE=OFF
-STAMP := .make
+# One set of stamps per Python environment (a fresh virtual environment installs anew).
+STAMP := .make/$(shell $(PYTHON) -c "import sys, hashlib; print(hashlib.sha1(sys.prefix.encode()).hexdigest()[:10])")
 DEMO := out/demo
+MC := $(PYTHON) -m minicpm_convert
 QUANTS := f32 f16 bf16 q8_0 q4_0 q4_K_M q5_K_M q6_K
 
 .PHONY: install install-test fixtures demo test test-interop bench clean
@@ -27,18 +29,18 @@ fixtures: $(STAMP)/install
 
 demo: fixtures
 	@mkdir -p $(DEMO)
-	minicpm-convert inspect fixtures/build/tiny
-	minicpm-convert to-llama fixtures/build/tiny $(DEMO)/tiny-llama --force
-	minicpm-convert to-llama fixtures/build/tiny $(DEMO)/tiny-llama-f32 --dtype float32 --force
+	$(MC) inspect fixtures/build/tiny
+	$(MC) to-llama fixtures/build/tiny $(DEMO)/tiny-llama --force
+	$(MC) to-llama fixtures/build/tiny $(DEMO)/tiny-llama-f32 --dtype float32 --force
 	@for q in $(QUANTS); do \
-		minicpm-convert to-gguf fixtures/build/tiny $(DEMO)/tiny-$$q.gguf --quant $$q --force || exit 1; \
+		$(MC) to-gguf fixtures/build/tiny $(DEMO)/tiny-$$q.gguf --quant $$q --force || exit 1; \
 	done
-	minicpm-convert to-gguf fixtures/build/tiny $(DEMO)/tiny-llama-q4_K_M.gguf --quant q4_K_M --arch llama --force
-	minicpm-convert to-int4 fixtures/build/tiny $(DEMO)/tiny-int4-gptq --force
-	minicpm-convert to-int4 fixtures/build/tiny $(DEMO)/tiny-int4-ct --format compressed-tensors --force
-	minicpm-convert verify fixtures/build/tiny $(DEMO)/tiny-llama $(DEMO)/tiny-llama-f32 \
+	$(MC) to-gguf fixtures/build/tiny $(DEMO)/tiny-llama-q4_K_M.gguf --quant q4_K_M --arch llama --force
+	$(MC) to-int4 fixtures/build/tiny $(DEMO)/tiny-int4-gptq --force
+	$(MC) to-int4 fixtures/build/tiny $(DEMO)/tiny-int4-ct --format compressed-tensors --force
+	$(MC) verify fixtures/build/tiny $(DEMO)/tiny-llama $(DEMO)/tiny-llama-f32 \
 		$(foreach q,$(QUANTS),$(DEMO)/tiny-$(q).gguf) $(DEMO)/tiny-llama-q4_K_M.gguf \
-		$(DEMO)/tiny-int4-gptq $(DEMO)/tiny-int4-ct --json $(DEMO)/parity.json
+		$(DEMO)/tiny-int4-gptq $(DEMO)/tiny-int4-ct --json $(DEMO)/parity.json --force
 
 test: $(STAMP)/install-test
 	$(PYTHON) -m pytest -q
