@@ -94,23 +94,25 @@ def to_llama(
     The result loads in transformers (LlamaForCausalLM), vLLM and any Llama tooling without
     remote code, and gives the same logits as the MiniCPM original.
     """
-    from .checkpoint import Checkpoint
-    from .output import atomic_output, check_output
-    from .sinks.llama import write_llama
+    from .sources.checkpoint import Checkpoint
+    from .output import atomic_folder, write_manifest
+    from .formats.hf.llama import write_llama
     from .stream import llama_stream
 
     shard_bytes = parse_size(shard_size)
-    check_output(out, force)
     ckpt = Checkpoint.open(src)
+    target_folder = folder_target(out, force, ckpt)
     refuse_unsupported(ckpt, "to-llama")
     target = ckpt.storage_dtype if dtype is DType.auto else getattr(torch, dtype.value)
     if target not in (torch.float32, torch.float16, torch.bfloat16):
         raise ConvertError(f"{ckpt.folder}: stored as {target}; pass --dtype bfloat16|float16|float32")
     warn_lossy(ckpt, out)
-    with atomic_output(out, force=force, folder=True) as tmp:
+    with atomic_folder(target_folder) as tmp:
         write_llama(ckpt, llama_stream(ckpt), tmp, target, shard_bytes, quiet=quiet)
+        write_manifest(tmp, command="to-llama", source=source_name(src))
     arch_name = "MixtralForCausalLM" if ckpt.spec.num_experts else "LlamaForCausalLM"
-    err_console.print(f"wrote {out} ({arch_name}, {str(target).removeprefix('torch.')})", highlight=False)
+    err_console.print(f"wrote {target_folder.path} ({arch_name}, {str(target).removeprefix('torch.')})",
+                      highlight=False)
 
 
 class Arch(str, Enum):
@@ -135,25 +137,32 @@ def to_gguf(
     Quantized tensors are byte-identical to llama.cpp's llama-quantize on the same weights,
     with llama-quantize's choice of type per tensor, quantized from the exact source values.
     """
-    from .checkpoint import Checkpoint
-    from .output import atomic_output, check_output
-    from .quant_plan import FILE_TYPES, file_type
-    from .sinks.gguf import write_gguf
+    from .formats.gguf.metadata import default_file_name, model_metadata
+    from .formats.gguf.plan import FILE_TYPES, file_type
+    from .formats.gguf.writer import gguf_jobs, write_gguf
+    from .output import Protected, atomic_file, file_output
+    from .sources.checkpoint import Checkpoint
 
     ft = file_type(quant)
     if ft is None:
         raise ConvertError(f"--quant: unknown type {quant!r} (choose from {', '.join(FILE_TYPES)})")
-    check_output(out, force)
     ckpt = Checkpoint.open(src)
+
+    def default_name() -> str:
+        file_arch = "minicpm3" if ckpt.spec.mla else arch.value
+        jobs = gguf_jobs(ckpt, file_arch)
+        return default_file_name(model_metadata(ckpt.folder, [(n, j.shape) for n, j in jobs]), ft)
+
+    final = file_output(out, default_name, force, Protected.of([ckpt.folder]))
     refuse_unsupported(ckpt, "to-gguf", arch.value)
-    warn_lossy(ckpt, out)
+    warn_lossy(ckpt, final)
     if ckpt.spec.rope_type == "dynamic":
-        err_console.print(f"warning: llama.cpp has no dynamic NTK rope scaling; {out} is exact up to "
+        err_console.print(f"warning: llama.cpp has no dynamic NTK rope scaling; {final} is exact up to "
                           f"{ckpt.spec.max_position_embeddings} tokens (max_position_embeddings)", highlight=False)
-    with atomic_output(out, force=force, folder=False) as tmp:
+    with atomic_file(final) as tmp:
         write_gguf(ckpt, tmp, ft, arch.value, src, quiet=quiet)
     file_arch = "minicpm3" if ckpt.spec.mla else arch.value
-    err_console.print(f"wrote {out} (GGUF arch {file_arch}, {ft.name})", highlight=False)
+    err_console.print(f"wrote {final} (GGUF arch {file_arch}, {ft.name})", highlight=False)
 
 
 class Int4Format(str, Enum):
@@ -180,20 +189,21 @@ def to_int4(
     The seven projections of every block are quantized; embeddings, norms and lm_head stay
     float16. Prints the relative weight error per layer type and writes quantization_report.json.
     """
-    from .checkpoint import Checkpoint
-    from .int4_format import GROUP_SIZES, Int4Scheme
-    from .output import atomic_output, check_output
-    from .sinks.int4 import REPORT_FILE, write_int4
+    from .formats.hf.int4 import GROUP_SIZES, Int4Scheme
+    from .formats.hf.int4_writer import REPORT_FILE, write_int4
+    from .output import atomic_folder, write_manifest
+    from .sources.checkpoint import Checkpoint
     from .stream import llama_stream
 
     if group_size not in GROUP_SIZES:
         raise ConvertError(f"--group-size: {group_size} is not one of {', '.join(map(str, GROUP_SIZES))}")
-    check_output(out, force)
     ckpt = Checkpoint.open(src)
+    target_folder = folder_target(out, force, ckpt)
     refuse_unsupported(ckpt, "to-int4")
     scheme = Int4Scheme(fmt.value, group_size, sym)
-    with atomic_output(out, force=force, folder=True) as tmp:
+    with atomic_folder(target_folder) as tmp:
         report = write_int4(ckpt, llama_stream(ckpt), tmp, scheme, search=search, quiet=quiet)
+        write_manifest(tmp, command="to-int4", source=source_name(src))
     table = Table(title=f"relative weight error ||W-Ŵ||/||W|| (mean over layers; {REPORT_FILE})")
     for col in ("layer", "round-to-nearest", "search", "change"):
         table.add_column(col, justify="left" if col == "layer" else "right")
@@ -202,8 +212,21 @@ def to_int4(
         table.add_row(kind, f"{err['rtn']:.4f}", "-" if found is None else f"{found:.4f}",
                       "-" if found is None else f"{(found - err['rtn']) / err['rtn']:+.1%}")
     out_console.print(table)
-    err_console.print(f"wrote {out} (INT4 {fmt.value}, group {group_size}, {'sym' if sym else 'asym'})",
+    err_console.print(f"wrote {target_folder.path} (INT4 {fmt.value}, group {group_size}, {'sym' if sym else 'asym'})",
                       highlight=False)
+
+
+def folder_target(out: Path, force: bool, ckpt):
+    """Where a folder export goes, refused if it would replace the source or a stranger's files."""
+    from .output import Protected, folder_output
+    return folder_output(out, force, Protected.of([ckpt.folder]))
+
+
+def source_name(src: str) -> str:
+    """The source as recorded in an export's manifest: a Hub id as given, a folder by its name
+    (no absolute path, so the same conversion gives the same bytes anywhere)."""
+    path = Path(src)
+    return path.resolve().name if path.exists() else src
 
 
 def refuse_unsupported(ckpt, command: str, arch: str | None = None) -> None:
@@ -263,13 +286,15 @@ def verify_cmd(
     exports: list[Path] = typer.Argument(..., help="One or more exports of SRC: Llama-format folders or GGUF files."),
     prompt: Optional[str] = typer.Option(None, "--prompt", help="Text to run (encoded with SRC's tokenizer.model)."),
     tokens: Optional[str] = typer.Option(None, "--tokens", help="Token ids to run instead, e.g. 1,2345,67."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the figures to this JSON file."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the figures to this JSON file "
+                                            "(a folder: verify.json inside it)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite the --json file if it exists."),
 ):
     """Run the MiniCPM reference on SRC and on each export, and compare their logits.
 
     Exit code 0 when every export is within its threshold, 1 when one is not, 2 on bad input.
     """
-    from .checkpoint import Checkpoint
+    from .sources.checkpoint import Checkpoint
     from .verify import prompt_tokens, verify
 
     if prompt is not None and tokens is not None:
@@ -278,6 +303,10 @@ def verify_cmd(
     if ckpt.spec.variant not in ("minicpm", "minicpm-longrope", "minicpm-moe", "minicpm3"):
         raise ConvertError(f"{ckpt.folder}: verify does not support variant '{ckpt.spec.variant}' "
                            "(the reference forward pass has no FATReLU)")
+    json_final = None
+    if json_out is not None:
+        from .output import Protected, file_output
+        json_final = file_output(json_out, lambda: "verify.json", force, Protected.of([ckpt.folder], exports))
     ids = prompt_tokens(ckpt, prompt, parse_tokens(tokens))
     if len(ids) > ckpt.spec.max_position_embeddings:
         raise ConvertError(f"{len(ids)} tokens exceed max_position_embeddings "
@@ -290,10 +319,11 @@ def verify_cmd(
         table.add_row(Path(r.export).name, r.kind, f"{r.max_abs_err:.3g}", f"{r.rel_err:.3g}", f"{r.cosine:.6f}",
                       f"{r.top1:.1%}", f"{r.kl:.3g}", "[green]pass[/]" if r.passed else "[red]FAIL[/]")
     out_console.print(table)
-    if json_out is not None:
+    if json_final is not None:
+        from .output import write_json_file
         payload = {"source": src, "tokens": ids, "exports": [r.as_dict() for r in reports],
                    "passed": all(r.passed for r in reports)}
-        json_out.write_text(json.dumps(payload, indent=2) + "\n")
+        write_json_file(json_final, payload)
     if not all(r.passed for r in reports):
         raise typer.Exit(1)
 

@@ -30,13 +30,13 @@ def _tensor_table(rows: list[tuple[str, tuple[int, ...], str]]) -> Table:
 
 
 def describe(path: str, console: Console) -> None:
-    from .formats import is_gguf
+    from .sources import is_gguf
 
     p = Path(path)
     if p.is_file() and is_gguf(p):
         return _describe_gguf(p, console)
-    from .checkpoint import Checkpoint
-    from .int4_source import Int4Source, is_int4_folder
+    from .sources.checkpoint import Checkpoint
+    from .sources.int4 import Int4Source, is_int4_folder
 
     # An INT4 export holds packed tensors, not the dense set its config implies: validate it as INT4.
     ckpt = Int4Source(p).ckpt if p.is_dir() and is_int4_folder(p) else Checkpoint.open(path)
@@ -72,7 +72,7 @@ def _numel(shape) -> int:
 
 
 def _describe_gguf(path: Path, console: Console) -> None:
-    from .gguf_source import GgufSource
+    from .sources.gguf import GgufSource
 
     src = GgufSource(path)
     console.print(f"[bold]{path}[/] (GGUF v{src.version}, {src.file_type_name})")

@@ -17,7 +17,7 @@ from typing import Callable, Iterable, Iterator, TypeVar
 
 import torch
 
-from .checkpoint import Checkpoint
+from .sources.checkpoint import Checkpoint
 from .names import expert_parts, to_mixtral
 from .spec import ModelSpec
 

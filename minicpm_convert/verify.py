@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 
 from . import reference
-from .checkpoint import Checkpoint
+from .sources.checkpoint import Checkpoint
 from .errors import ConvertError
-from .formats import open_export
+from .sources import open_export
 
 DEFAULT_PROMPT = ("<用户>Write a short poem about the sea, then translate it into Chinese: "
                   "大海是蓝色的。<AI>")
@@ -108,7 +108,7 @@ def prompt_tokens(src: Checkpoint, prompt: str | None, tokens: list[int] | None)
     model = src.folder / "tokenizer.model"
     if not model.is_file():
         raise ConvertError(f"{src.folder}: no tokenizer.model to encode the prompt; pass --tokens")
-    from .tokenizer import load_sentencepiece
+    from .sources.tokenizer import load_sentencepiece
     sp = load_sentencepiece(model)
     ids = [src.spec.bos_token_id if src.spec.bos_token_id is not None else sp.bos_id()]
     ids += sp.encode(prompt or DEFAULT_PROMPT)

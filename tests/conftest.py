@@ -45,7 +45,7 @@ def transformers_parity(src_folder: Path, export_folder: Path) -> dict[str, floa
     from transformers import AutoModelForCausalLM
 
     from minicpm_convert import reference
-    from minicpm_convert.checkpoint import Checkpoint
+    from minicpm_convert.sources.checkpoint import Checkpoint
     from minicpm_convert.verify import compare, prompt_tokens
 
     src = Checkpoint(src_folder)

@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from minicpm_convert.checkpoint import Checkpoint
+from minicpm_convert.sources.checkpoint import Checkpoint
 from minicpm_convert.errors import ConvertError
 
 

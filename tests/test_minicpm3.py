@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from minicpm_convert import reference
-from minicpm_convert.checkpoint import Checkpoint
+from minicpm_convert.sources.checkpoint import Checkpoint
 from minicpm_convert.names import expected_shapes
 from minicpm_convert.spec import spec_from_config
 from minicpm_convert.verify import compare, prompt_tokens
@@ -92,9 +92,9 @@ def test_gguf_minicpm3_runs_in_llama_cpp(minicpm3, tmp_path, quant):
 
 
 def test_gguf_minicpm3_bytes_match_llama_quantize(minicpm3, tmp_path):
-    from minicpm_convert.quant_plan import FILE_TYPES
+    from minicpm_convert.formats.gguf.plan import FILE_TYPES
     from tests import llama_cpp_client as client
-    from tests.sinks.test_gguf import tensors
+    from tests.formats.test_gguf import tensors
 
     for quant in ("f32", "q4_K_M"):
         assert run_cli("to-gguf", minicpm3, tmp_path / f"{quant}.gguf", "--quant", quant, "-q")[0] == 0

@@ -17,8 +17,8 @@ from gguf import GGMLQuantizationType as T
 from gguf import GGUFReader
 
 from minicpm_convert import reference
-from minicpm_convert.checkpoint import Checkpoint
-from minicpm_convert.quant_plan import FILE_TYPES
+from minicpm_convert.sources.checkpoint import Checkpoint
+from minicpm_convert.formats.gguf.plan import FILE_TYPES
 from minicpm_convert.verify import compare, prompt_tokens
 from tests.conftest import run_cli
 
@@ -46,13 +46,19 @@ def test_moe_mlp_by_hand():
     router = torch.randn(n_exp, hidden, generator=g) * 2
     experts = [[torch.randn(inter, hidden, generator=g), torch.randn(inter, hidden, generator=g),
                 torch.randn(hidden, inter, generator=g)] for _ in range(n_exp)]
+    weights = {"mlp.gate.weight": router}
+    for i, (wg, wu, wd) in enumerate(experts):
+        weights.update({f"mlp.experts.{i}.w1.weight": wg, f"mlp.experts.{i}.w3.weight": wu,
+                        f"mlp.experts.{i}.w2.weight": wd})
     asked = []
 
-    def expert(i):
-        asked.append(i)
-        return experts[i]
+    class Source:
+        def read(self, name):
+            if ".experts." in name and name.endswith("w1.weight"):
+                asked.append(int(name.split(".")[2]))
+            return weights[name]
 
-    got = reference.moe_mlp(h, router, 2, expert)
+    got = reference.moe_mlp(h, Source(), "mlp.", 2)
     for t in range(3):
         logits = [float(sum(h[t, j] * router[i, j] for j in range(hidden))) for i in range(n_exp)]
         probs = [math.exp(x) for x in logits]

@@ -118,3 +118,18 @@ def test_mup_scalars():
                              "dim_model_base": 256})
     assert spec.logit_scale == 9.0
     assert spec.residual_scale == pytest.approx(1.4 / math.sqrt(40))
+
+
+def test_capture_sees_every_weight_matrix_with_its_input():
+    """The capture hook (importance matrices, GPTQ Hessians) is called once per weight matrix and
+    block, in forward order, with the activations that multiply it: x @ W.T reproduces the pass."""
+    w = tiny_weights(0)
+    spec = spec_from_config(CONFIG)
+    seen = []
+    reference.forward(DictSource(spec, w), [2, 0, 1], capture=lambda name, x: seen.append((name, x.shape)))
+    per_layer = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+    want = [f"model.layers.{i}.{n}.weight" for i in range(spec.num_hidden_layers) for n in per_layer]
+    assert [n for n, _ in seen] == want
+    for name, shape in seen:
+        assert shape == (3, w[name].shape[1]), name

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from minicpm_convert import reference
-from minicpm_convert.checkpoint import Checkpoint
+from minicpm_convert.sources.checkpoint import Checkpoint
 from minicpm_convert.verify import compare, prompt_tokens
 from tests.conftest import run_cli, transformers_parity
 
@@ -163,9 +163,9 @@ def minicpm_1b(tmp_path_factory):
 
 
 def test_minicpm_1b_all_commands(minicpm_1b, tmp_path):
-    from minicpm_convert.quant_plan import FILE_TYPES
+    from minicpm_convert.formats.gguf.plan import FILE_TYPES
     from tests import llama_cpp_client as client
-    from tests.sinks.test_gguf import tensors
+    from tests.formats.test_gguf import tensors
 
     src = Checkpoint(minicpm_1b)
     assert (src.spec.num_attention_heads, src.spec.num_key_value_heads) == (24, 8)

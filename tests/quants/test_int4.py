@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from minicpm_convert.checkpoint import Checkpoint
-from minicpm_convert.int4_format import is_projection, layer_type
+from minicpm_convert.sources.checkpoint import Checkpoint
+from minicpm_convert.formats.hf.int4 import is_projection, layer_type
 from minicpm_convert.quants import int4
 from minicpm_convert.stream import llama_stream
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 from gguf import GGUFWriter, SpecialVocab, TokenType
 
-from .errors import ConvertError
-from .tokenizer import load_sentencepiece
+from ...errors import ConvertError
+from ...sources.tokenizer import load_sentencepiece
 
 # sentencepiece_model.proto's SentencePiece.Type -> GGUF token type
 _SP_TYPES = {1: TokenType.NORMAL, 2: TokenType.UNKNOWN, 3: TokenType.CONTROL, 4: TokenType.USER_DEFINED,

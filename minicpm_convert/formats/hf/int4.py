@@ -1,6 +1,6 @@
 """What an INT4 export holds on disk: the tensors of each quantized Linear and the config keys.
 
-Shared by the writer (`sinks/int4.py`) and the reader (`int4_source.py`) so the two cannot
+Shared by the writer (`int4_writer.py`) and the reader (`sources/int4.py`) so the two cannot
 disagree. Two formats (facts §7):
 - `gptq`: GPTQ v1 as GPTQModel/AutoGPTQ write it, read by transformers (+optimum +gptqmodel),
   vLLM and SGLang. Per layer P: P.qweight, P.qzeros, P.scales, P.g_idx.
@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
-from . import __version__
-from .errors import ConvertError
-from .names import PROJECTIONS
+from ... import __version__
+from ...errors import ConvertError
+from ...names import PROJECTIONS
 
 FORMATS = ("gptq", "compressed-tensors")
 GROUP_SIZES = (32, 64, 128)

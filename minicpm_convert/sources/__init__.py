@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .checkpoint import Checkpoint
-from .errors import ConvertError
+from ..errors import ConvertError
 
 GGUF_MAGIC = b"GGUF"
 
@@ -24,11 +24,11 @@ def open_export(path: Path):
         raise ConvertError(f"{path}: not found")
     if path.is_file():
         if path.suffix == ".gguf" or is_gguf(path):
-            from .gguf_source import GgufSource
+            from .gguf import GgufSource
             source = GgufSource(path)
             return source, f"gguf-{source.file_type_name}"
         raise ConvertError(f"{path}: not a GGUF file or an export folder")
-    from .int4_source import Int4Source, is_int4_folder
+    from .int4 import Int4Source, is_int4_folder
     if is_int4_folder(path):  # before Checkpoint(): packed tensors are not a dense tensor set
         source = Int4Source(path)
         return source, source.kind

@@ -8,9 +8,9 @@ import pytest
 from gguf import GGUFReader
 
 from minicpm_convert import reference
-from minicpm_convert.checkpoint import Checkpoint
-from minicpm_convert.quant_plan import FILE_TYPES
-from minicpm_convert.tokenizer import load_sentencepiece
+from minicpm_convert.sources.checkpoint import Checkpoint
+from minicpm_convert.formats.gguf.plan import FILE_TYPES
+from minicpm_convert.sources.tokenizer import load_sentencepiece
 from minicpm_convert.verify import compare, prompt_tokens
 from tests import llama_cpp_client as client
 from tests.conftest import run_cli
@@ -164,7 +164,7 @@ def test_direct_float_casts_equal_the_float32_path():
     import torch
     from gguf import GGMLQuantizationType as T
 
-    from minicpm_convert.sinks.gguf import encode
+    from minicpm_convert.formats.gguf.writer import encode
 
     bf16 = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
     bf16 = bf16[torch.isfinite(bf16.float())]

@@ -16,13 +16,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..checkpoint import Checkpoint
-from ..errors import ConvertError
-from ..int4_format import Int4Scheme, check_shapes, is_projection, layer_type, packed_tensors, quantization_config
-from ..progress import progress_bar
-from ..quants import int4
-from ..safetensors_file import safetensors_header, write_tensor
-from ..stream import TensorJob, llama_config
+from ...sources.checkpoint import Checkpoint
+from ...errors import ConvertError
+from .int4 import Int4Scheme, check_shapes, is_projection, layer_type, packed_tensors, quantization_config
+from ...progress import progress_bar
+from ...quants import int4
+from ...sources.safetensors_file import safetensors_header, write_tensor
+from ...stream import TensorJob, llama_config
 from .llama import plan_shards, write_side_files
 
 FLOAT_DTYPE = torch.float16  # embeddings, norms and lm_head, as GPTQ and llm-compressor exports keep them

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import ConvertError
+from ..errors import ConvertError
 
 
 def load_sentencepiece(path: Path):

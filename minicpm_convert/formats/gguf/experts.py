@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from .names import expert_parts, stacked_name
-from .stream import TensorJob
+from ...names import expert_parts, stacked_name
+from ...stream import TensorJob
 
 
 def _stacked_reader(parts: list[TensorJob]):

@@ -10,10 +10,10 @@ import torch
 from gguf import GGMLQuantizationType as T
 from gguf import GGUFReader, LlamaFileType
 
-from .errors import ConvertError
-from .names import expert_parts, gguf_to_hf, stacked_name
-from .quants.ggml import dequantize
-from .spec import MlaDims, ModelSpec
+from ..errors import ConvertError
+from ..names import expert_parts, gguf_to_hf, stacked_name
+from ..quants.ggml import dequantize
+from ..spec import MlaDims, ModelSpec
 
 _FILE_TYPE_NAMES = {LlamaFileType.ALL_F32: "f32", LlamaFileType.MOSTLY_F16: "f16", LlamaFileType.MOSTLY_BF16: "bf16",
                     LlamaFileType.MOSTLY_Q8_0: "q8_0", LlamaFileType.MOSTLY_Q4_0: "q4_0",
@@ -121,7 +121,7 @@ class GgufSource:
                                                              get("context_length")))}
 
     def _check_shapes(self) -> None:
-        from .names import expected_shapes, layer_index
+        from ..names import expected_shapes, layer_index
         blocks = max((layer_index(t.name) for t in self.tensors if layer_index(t.name) is not None), default=-1) + 1
         if self.spec.num_hidden_layers > blocks:  # before listing a (perhaps huge) expected set
             raise ConvertError(f"{self.path}: missing tensor 'blk.{blocks}.attn_norm.weight' (metadata block_count "
@@ -195,7 +195,7 @@ class GgufSource:
         shape = self.shape(name)
         if len(shape) == 1:
             return torch.from_numpy(np.array(t.data, dtype=np.float32).reshape(shape)[start:stop])
-        from .sinks.gguf import qk_heads, unpermute_rows
+        from ..formats.gguf.layout import qk_heads, unpermute_rows
         heads = qk_heads(self.spec, name)
         rows = np.asarray(t.data).reshape(shape[0], -1)
         if heads:  # rows were permuted per head: dequantize whole, un-permute, then slice
@@ -225,6 +225,6 @@ def _unreadable(path: Path, exc: Exception) -> ConvertError:
 
 
 def _gguf_name(hf: str) -> str:
-    from .names import hf_to_gguf
+    from ..names import hf_to_gguf
     parts = expert_parts(hf)
     return hf_to_gguf(stacked_name(parts[0], parts[2]) if parts else hf)

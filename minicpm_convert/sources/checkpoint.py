@@ -16,10 +16,10 @@ from pathlib import Path, PurePosixPath
 
 import torch
 
-from . import names as tensor_names
-from .errors import ConvertError
+from .. import names as tensor_names
+from ..errors import ConvertError
 from .safetensors_file import SafetensorsFile
-from .spec import ModelSpec, load_config, spec_from_config
+from ..spec import ModelSpec, load_config, spec_from_config
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.json", "added_tokens.json")

@@ -9,10 +9,10 @@ from typing import Callable
 
 import torch
 
-from ..checkpoint import Checkpoint
-from ..progress import progress_bar
-from ..safetensors_file import safetensors_header, write_tensor
-from ..stream import PARALLEL_CHUNK_VALUES, TensorJob, llama_config, ordered_map
+from ...sources.checkpoint import Checkpoint
+from ...progress import progress_bar
+from ...sources.safetensors_file import safetensors_header, write_tensor
+from ...stream import PARALLEL_CHUNK_VALUES, TensorJob, llama_config, ordered_map
 
 ELEMENT_SIZE = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
 

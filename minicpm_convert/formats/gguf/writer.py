@@ -14,34 +14,16 @@ import torch
 from gguf import GGMLQuantizationType as T
 from gguf import GGUFWriter
 
-from .. import __version__
-from ..checkpoint import Checkpoint
-from ..names import hf_to_gguf
-from ..progress import progress_bar
-from ..quant_plan import BLOCK, FileType, sort_key, tensor_type
-from ..quants.ggml import quantize
-from ..quants.kquants import compiled_kernel
-from ..gguf_vocab import add_vocab
-from ..stream import PARALLEL_CHUNK_VALUES, TensorJob, llama_stream, ordered_map, source_stream
-
-def permute_rows(t: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """HF's half-split rotary layout -> ggml's adjacent pairs (llama.cpp's LlamaModel.permute)."""
-    rows = t.shape[0]
-    return t.reshape(n_heads, 2, rows // n_heads // 2, *t.shape[1:]).swapaxes(1, 2).reshape(t.shape)
-
-
-def unpermute_rows(t: torch.Tensor, n_heads: int) -> torch.Tensor:
-    rows = t.shape[0]
-    return t.reshape(n_heads, rows // n_heads // 2, 2, *t.shape[1:]).swapaxes(1, 2).reshape(t.shape)
-
-
-def qk_heads(spec, hf_name: str) -> int | None:
-    if hf_name.endswith("self_attn.q_proj.weight"):
-        return spec.num_attention_heads
-    if hf_name.endswith("self_attn.k_proj.weight"):
-        return spec.num_key_value_heads
-    return None
-
+from ... import __version__
+from ...sources.checkpoint import Checkpoint
+from ...names import hf_to_gguf
+from ...progress import progress_bar
+from .plan import BLOCK, FileType, sort_key, tensor_type
+from ...quants.ggml import quantize
+from ...quants.kquants import compiled_kernel
+from .layout import permute_rows, qk_heads
+from .vocab import add_vocab
+from ...stream import PARALLEL_CHUNK_VALUES, TensorJob, llama_stream, ordered_map, source_stream
 
 def longrope_original_length(spec) -> int:
     return spec.rope_scaling.get("original_max_position_embeddings") or spec.raw["original_max_position_embeddings"]
@@ -64,7 +46,7 @@ def gguf_jobs(ckpt: Checkpoint, arch: str) -> list[tuple[str, TensorJob]]:
     """(gguf name, job) in llama-quantize's order; a tied minicpm head is not written."""
     jobs = llama_stream(ckpt) if arch == "llama" else source_stream(ckpt)
     if ckpt.spec.num_experts:
-        from ..experts import stack_experts
+        from .experts import stack_experts
         jobs = stack_experts(jobs, ckpt.spec.num_experts)
     named = [(hf_to_gguf(j.name), j) for j in jobs] + rope_factor_jobs(ckpt.spec)
     return sorted(named, key=lambda item: sort_key(item[0]))

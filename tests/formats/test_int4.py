@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from minicpm_convert import reference
-from minicpm_convert.checkpoint import Checkpoint
-from minicpm_convert.int4_format import is_projection
-from minicpm_convert.int4_source import Int4Source
+from minicpm_convert.sources.checkpoint import Checkpoint
+from minicpm_convert.formats.hf.int4 import is_projection
+from minicpm_convert.sources.int4 import Int4Source
 from minicpm_convert.names import expected_shapes
 from minicpm_convert.quants import int4
 from minicpm_convert.stream import llama_stream

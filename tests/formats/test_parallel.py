@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from minicpm_convert import stream
-from minicpm_convert.checkpoint import Checkpoint
-from minicpm_convert.quant_plan import FILE_TYPES
-from minicpm_convert.sinks.gguf import write_gguf
-from minicpm_convert.sinks.llama import write_safetensors_shards
+from minicpm_convert.sources.checkpoint import Checkpoint
+from minicpm_convert.formats.gguf.plan import FILE_TYPES
+from minicpm_convert.formats.gguf.writer import write_gguf
+from minicpm_convert.formats.hf.llama import write_safetensors_shards
 from minicpm_convert.stream import llama_stream, ordered_map
 
 
@@ -18,8 +18,8 @@ from minicpm_convert.stream import llama_stream, ordered_map
 def tiny_chunks(monkeypatch):
     """Chunks of a few rows, so even the tiny fixtures are split across many work items."""
     monkeypatch.setattr(stream, "PARALLEL_CHUNK_VALUES", 3000)
-    import minicpm_convert.sinks.gguf as gguf_sink
-    import minicpm_convert.sinks.llama as llama_sink
+    import minicpm_convert.formats.gguf.writer as gguf_sink
+    import minicpm_convert.formats.hf.llama as llama_sink
     monkeypatch.setattr(gguf_sink, "PARALLEL_CHUNK_VALUES", 3000)
     monkeypatch.setattr(llama_sink, "PARALLEL_CHUNK_VALUES", 3000)
 

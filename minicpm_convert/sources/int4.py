@@ -11,11 +11,11 @@ from pathlib import Path
 import torch
 
 from .checkpoint import Checkpoint
-from .errors import ConvertError
-from .int4_format import Int4Scheme, is_projection, packed_tensors, read_scheme
-from .names import expected_shapes
-from .quants import int4
-from .spec import load_config
+from ..errors import ConvertError
+from ..formats.hf.int4 import Int4Scheme, is_projection, packed_tensors, read_scheme
+from ..names import expected_shapes
+from ..quants import int4
+from ..spec import load_config
 
 FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 

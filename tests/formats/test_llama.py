@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from minicpm_convert import reference
-from minicpm_convert.checkpoint import Checkpoint
+from minicpm_convert.sources.checkpoint import Checkpoint
 from minicpm_convert.verify import compare, prompt_tokens
 from tests.conftest import run_cli
 

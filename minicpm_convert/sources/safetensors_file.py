@@ -17,7 +17,7 @@ from typing import BinaryIO, Iterable
 import numpy as np
 import torch
 
-from .errors import ConvertError
+from ..errors import ConvertError
 
 # safetensors dtype name -> (torch dtype, numpy dtype of the raw bytes, item size)
 DTYPES: dict[str, tuple[torch.dtype, np.dtype]] = {

@@ -1,1 +1,0 @@
-"""Exporters: each consumes the same stream of `TensorJob`s and writes one format."""
