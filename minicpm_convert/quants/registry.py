@@ -142,7 +142,7 @@ def quantize(x: np.ndarray, qtype: QT, imatrix: np.ndarray | None = None, *, bac
     if not np.isfinite(x).all():
         bad = int(np.count_nonzero(~np.isfinite(x)))
         raise ValueError(f"{qtype.name}: input holds {bad} non-finite values (NaN or Inf)")
-    rows = x.reshape(-1, n) if n else x.reshape(-1, 0)
+    rows = x.reshape(-1, n) if n else x.reshape(int(np.prod(x.shape[:-1])), 0)
     out = np.empty((rows.shape[0], row_bytes(qtype, n)), np.uint8)
     if rows.size:
         if backend is None:

@@ -12,7 +12,7 @@ from gguf import GGUFReader, LlamaFileType
 
 from ..errors import ConvertError
 from ..names import expert_parts, gguf_to_hf, stacked_name
-from ..quants.ggml import dequantize
+from ..quants import dequantize
 from ..spec import MlaDims, ModelSpec
 
 _FILE_TYPE_NAMES = {LlamaFileType.ALL_F32: "f32", LlamaFileType.MOSTLY_F16: "f16", LlamaFileType.MOSTLY_BF16: "bf16",

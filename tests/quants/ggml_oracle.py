@@ -53,12 +53,10 @@ class GGML:
             fn = getattr(lib, f"quantize_row_{t}_ref")
             fn.restype = None
             fn.argtypes = [_c_float_p, ctypes.c_void_p, ctypes.c_int64]
-        for t in ("q4_0", "q5_0", "q5_1", "q8_0", "q4_K", "q5_K", "q6_K", "bf16"):
-            fn = getattr(lib, f"dequantize_row_{t}" if t != "bf16" else "ggml_bf16_to_fp32_row")
+        for name in [self._dequantizer(t) for t in GGML_TYPE if t != "F32"]:
+            fn = getattr(lib, name)
             fn.restype = None
             fn.argtypes = [ctypes.c_void_p, _c_float_p, ctypes.c_int64]
-        lib.ggml_fp16_to_fp32_row.restype = None
-        lib.ggml_fp16_to_fp32_row.argtypes = [ctypes.c_void_p, _c_float_p, ctypes.c_int64]
         self.lib = lib
 
     @staticmethod
@@ -125,10 +123,13 @@ class GGML:
         data = np.ascontiguousarray(data).view(np.uint8)
         nrows = data.size // self.row_size(type_name, n_per_row)
         y = np.empty((nrows, n_per_row), dtype=np.float32)
-        name = {"F16": "ggml_fp16_to_fp32_row", "BF16": "ggml_bf16_to_fp32_row"}.get(
-            type_name, "dequantize_row_" + type_name.lower().replace("_k", "_K"))
-        getattr(self.lib, name)(data.ctypes.data, y.ctypes.data_as(_c_float_p), y.size)
+        getattr(self.lib, self._dequantizer(type_name))(data.ctypes.data, y.ctypes.data_as(_c_float_p), y.size)
         return y
+
+    @staticmethod
+    def _dequantizer(type_name: str) -> str:
+        return {"F16": "ggml_fp16_to_fp32_row", "BF16": "ggml_bf16_to_fp32_row"}.get(
+            type_name, "dequantize_row_" + type_name.lower().replace("_k", "_K"))
 
     def fp32_to_fp16(self, x: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=np.float32)

@@ -18,9 +18,8 @@ from ... import __version__
 from ...sources.checkpoint import Checkpoint
 from ...names import hf_to_gguf
 from ...progress import progress_bar
-from .plan import BLOCK, FileType, sort_key, tensor_type
-from ...quants.ggml import quantize
-from ...quants.kquants import compiled_kernel
+from .plan import FileType, sort_key, tensor_type
+from ...quants import quantize
 from .layout import permute_rows, qk_heads
 from .vocab import add_vocab
 from ...stream import PARALLEL_CHUNK_VALUES, TensorJob, llama_stream, ordered_map, source_stream
@@ -96,16 +95,7 @@ def encode(rows: torch.Tensor, qtype: T) -> np.ndarray:
     x = rows.numpy()
     if qtype == T.F32:
         return np.ascontiguousarray(x, dtype=np.float32)
-    x = np.ascontiguousarray(x.reshape(-1, x.shape[-1]), dtype=np.float32)
-    # Rows come from Checkpoint.read, checked finite: the compiled F16/Q8_0 kernels give the
-    # very bytes of ggml.quantize there (and are 5-10x faster).
-    kernel = compiled_kernel({T.F16: "f16", T.Q8_0: "q8_0"}.get(qtype, ""))
-    if kernel is not None and x.shape[-1] % BLOCK[qtype] == 0:
-        out = np.empty(x.shape, np.float16) if qtype == T.F16 else \
-            np.empty((x.shape[0], x.shape[1] // 32 * 34), np.uint8)
-        kernel(x, out)
-        return out
-    return quantize(x, qtype)
+    return quantize(x.reshape(-1, x.shape[-1]), qtype)
 
 
 def _encode_chunk(item) -> tuple[bytes | np.ndarray, int]:
