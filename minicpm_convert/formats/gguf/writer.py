@@ -15,10 +15,11 @@ from gguf import GGMLQuantizationType as T
 from gguf import GGUFWriter
 
 from ... import __version__
+from ...errors import ConvertError
 from ...sources.checkpoint import Checkpoint
 from ...names import hf_to_gguf
 from ...progress import progress_bar
-from .plan import FileType, sort_key, tensor_type
+from .plan import FileType, ModelFacts, Options, Plan, TensorChoice, make_plan, sort_key
 from ...quants import quantize
 from .layout import permute_rows, qk_heads
 from .vocab import add_vocab
@@ -91,16 +92,55 @@ def add_metadata(w: GGUFWriter, ckpt: Checkpoint, arch: str, ft: FileType, sourc
     add_vocab(w, ckpt.folder, spec.vocab_size)
 
 
-def encode(rows: torch.Tensor, qtype: T) -> np.ndarray:
+def encode(rows: torch.Tensor, qtype: T, qw: np.ndarray | None = None, first: int = 0) -> np.ndarray:
+    """Rows (or, for a stacked 3-D tensor, experts ``first``..) in ``qtype``; ``qw``: the tensor's
+    importance array (one slice of n_cols per expert for a stack, as llama-quantize slices it)."""
     x = rows.numpy()
     if qtype == T.F32:
         return np.ascontiguousarray(x, dtype=np.float32)
-    return quantize(x.reshape(-1, x.shape[-1]), qtype)
+    if x.ndim == 3 and qw is not None:
+        n = x.shape[-1]
+        return np.concatenate([quantize(e, qtype, qw[(first + k) * n:(first + k + 1) * n]).reshape(-1)
+                               for k, e in enumerate(x)])
+    return quantize(x.reshape(-1, x.shape[-1]), qtype, qw)
+
+
+def model_facts(ckpt: Checkpoint, arch: str, jobs: list[tuple[str, TensorJob]]) -> ModelFacts:
+    spec = ckpt.spec
+    return ModelFacts(arch, spec.num_hidden_layers, spec.num_attention_heads, spec.num_key_value_heads,
+                      tuple((name, tuple(job.shape)) for name, job in jobs), spec.num_experts or 0)
+
+
+def file_arch(ckpt: Checkpoint, arch: str) -> str:
+    return "minicpm3" if ckpt.spec.mla else arch  # MLA has its own llama.cpp architecture
+
+
+def plan_gguf(ckpt: Checkpoint, arch: str, options: Options) -> Plan:
+    """llama-quantize's type plan for this checkpoint's GGUF (what --dry-run shows)."""
+    arch = file_arch(ckpt, arch)
+    return make_plan(model_facts(ckpt, arch, gguf_jobs(ckpt, arch)), options)
+
+
+def tensor_importance(t: TensorChoice, imatrix) -> np.ndarray | None:
+    """llama-quantize's lookup of a tensor's importance data: by name, used when its size is
+    n_cols (x n_expert); a size mismatch is an error but for token_embd; a type that needs the
+    data and finds none is refused ("Missing importance matrix ... in a very low-bit quantization")."""
+    if imatrix is None or t.type == T.F32:  # copied, not quantized
+        return None
+    qw = imatrix.weights(t.name)
+    size = t.shape[-1] * (t.shape[0] if len(t.shape) == 3 else 1)
+    if qw is not None and qw.size != size:
+        if t.name not in ("token_embd.weight", "per_layer_token_embd.weight"):
+            raise ConvertError(f"importance matrix: {t.name} has {qw.size} values, the tensor needs {size}")
+        qw = None
+    if qw is None and t.requires_imatrix:
+        raise ConvertError(f"importance matrix: no data for {t.name}, which {t.type.name} needs")
+    return qw
 
 
 def _encode_chunk(item) -> tuple[bytes | np.ndarray, int]:
     """One unit of work for the pool: read rows, permute Q/K, quantize. Thread-safe."""
-    job, start, stop, heads, qtype = item
+    job, start, stop, heads, qtype, qw = item
     float_type = FLOAT_TYPES.get(qtype)
     if float_type is not None and job.read_stored is not None:
         # A float file from unchanged values: cast the stored rows directly (torch rounds to
@@ -113,7 +153,7 @@ def _encode_chunk(item) -> tuple[bytes | np.ndarray, int]:
     rows = job.read(start, stop)
     if heads:
         rows = permute_rows(rows, heads)
-    return encode(rows, qtype), rows.numel() * 4
+    return encode(rows, qtype, qw, start), rows.numel() * 4
 
 
 FLOAT_TYPES = {T.F32: torch.float32, T.F16: torch.float16, T.BF16: torch.bfloat16}
@@ -126,18 +166,22 @@ def row_bytes(qtype: T, ncols: int) -> int:
 
 
 def write_gguf(ckpt: Checkpoint, out: Path, ft: FileType, arch: str, source: str, *, quiet: bool = False,
-               threads: int | None = None) -> dict[str, T]:
+               threads: int | None = None, options: Options | None = None, imatrix=None) -> dict[str, T]:
     """Write the GGUF file at `out`; return the type chosen for each tensor.
 
+    `options`: llama-quantize's per-tensor options (default: none, for file type `ft`);
+    `imatrix`: an ImportanceMatrix (formats.gguf.imatrix) or None.
     `threads`: worker threads (default: every CPU, see stream.worker_threads); the file's bytes
     are the same for any count."""
     spec = ckpt.spec
-    if spec.mla:
-        arch = "minicpm3"  # MLA has its own llama.cpp architecture (the CLI refuses --arch llama)
+    arch = file_arch(ckpt, arch)
     jobs = gguf_jobs(ckpt, arch)
-    tied = not any(name == "output.weight" for name, _ in jobs)
-    plan = {name: tensor_type(name, job.shape, ft, spec.num_hidden_layers, tied, spec.num_experts)
-            for name, job in jobs}
+    chosen = make_plan(model_facts(ckpt, arch, jobs), options or Options(ft, imatrix=imatrix is not None))
+    chosen.check()
+    if imatrix is not None:
+        imatrix.check_finite()
+    qws = {t.name: tensor_importance(t, imatrix) for t in chosen.tensors}
+    plan = chosen.types()
     w = GGUFWriter(None, arch)
     add_metadata(w, ckpt, arch, ft, source)
     for name, job in jobs:
@@ -156,7 +200,7 @@ def write_gguf(ckpt: Checkpoint, out: Path, ft: FileType, arch: str, source: str
             # a permutation needs whole heads
             chunks = [(0, job.rows)] if heads else list(job.chunks(PARALLEL_CHUNK_VALUES))
             for k, (start, stop) in enumerate(chunks):
-                yield i, k == len(chunks) - 1, (job, start, stop, heads, plan[name])
+                yield i, k == len(chunks) - 1, (job, start, stop, heads, plan[name], qws[name])
 
     items = list(work())
     with progress_bar(f"to-gguf {ft.name}", total, len(jobs), quiet=quiet) as advance:
