@@ -125,10 +125,23 @@ class Arch(str, Enum):
 def to_gguf(
     src: str = typer.Argument(..., help=SRC_HELP),
     out: Path = typer.Argument(..., help="Output .gguf file."),
-    quant: str = typer.Option("q4_K_M", "--quant", help="File type: f32 f16 bf16 q8_0 q4_0 q4_K_M q5_K_M q6_K "
-                                                       "(aliases q4km, q5km)."),
+    quant: str = typer.Option("q4_K_M", "--quant", help="File type, any llama-quantize spelling (case-insensitive): "
+                              "f32 f16 bf16 q8_0 q4_0 q4_1 q5_0 q5_1 q2_K q2_K_S q3_K_S q3_K_M q3_K_L q4_K_S q4_K_M "
+                              "q5_K_S q5_K_M q6_K iq4_nl iq4_xs iq3_xxs iq3_xs iq3_s iq3_m iq2_xxs iq2_xs iq2_s iq2_m "
+                              "tq1_0 tq2_0 (aliases Q4_K, q4km, ...)."),
     arch: Arch = typer.Option(Arch.minicpm, "--arch", help="minicpm: scales as metadata, as llama.cpp's converter "
                                                          "writes it; llama: scales folded in, runs on any Llama runtime."),
+    imatrix: Optional[Path] = typer.Option(None, "--imatrix", help="Importance matrix (llama-imatrix's GGUF or legacy "
+                                           ".dat), as llama-quantize --imatrix."),
+    output_tensor_type: Optional[str] = typer.Option(None, "--output-tensor-type", help="ggml type of output.weight."),
+    token_embedding_type: Optional[str] = typer.Option(None, "--token-embedding-type",
+                                                       help="ggml type of token_embd.weight."),
+    tensor_type: list[str] = typer.Option([], "--tensor-type", help="REGEX=TYPE: tensors whose name matches get TYPE "
+                                          "(repeatable; the first match wins), e.g. attn_v=q8_0."),
+    pure: bool = typer.Option(False, "--pure", help="Every quantized tensor in the file type's default type."),
+    leave_output_tensor: bool = typer.Option(False, "--leave-output-tensor", help="Leave output.weight unquantized (F32)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the type plan (per tensor, fallbacks, bits per "
+                                 "weight, file size) and write nothing."),
     force: bool = typer.Option(False, "--force", help=FORCE_HELP),
     quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
 ):
@@ -137,16 +150,25 @@ def to_gguf(
     Quantized tensors are byte-identical to llama.cpp's llama-quantize on the same weights,
     with llama-quantize's choice of type per tensor, quantized from the exact source values.
     """
+    from .formats.gguf import imatrix as imatrix_file
     from .formats.gguf.metadata import default_file_name, model_metadata
-    from .formats.gguf.plan import FILE_TYPES, file_type
+    from .formats.gguf.plan import format_report, parse_options
+    from .formats.gguf.writer import dry_run as plan_report
     from .formats.gguf.writer import gguf_jobs, write_gguf
     from .output import Protected, atomic_file, file_output
     from .sources.checkpoint import Checkpoint
 
-    ft = file_type(quant)
-    if ft is None:
-        raise ConvertError(f"--quant: unknown type {quant!r} (choose from {', '.join(FILE_TYPES)})")
+    options = parse_options(quant, imatrix=imatrix is not None, output_tensor_type=output_tensor_type,
+                            token_embedding_type=token_embedding_type, tensor_types=tensor_type, pure=pure,
+                            leave_output_tensor=leave_output_tensor)
+    ft = options.file_type
+    importance = imatrix_file.read(imatrix) if imatrix is not None else None
     ckpt = Checkpoint.open(src)
+    if dry_run:
+        refuse_unsupported(ckpt, "to-gguf", arch.value)
+        out_console.print(format_report(plan_report(ckpt, arch.value, src, options, importance)), highlight=False,
+                          markup=False, soft_wrap=True)
+        return
 
     def default_name() -> str:
         file_arch = "minicpm3" if ckpt.spec.mla else arch.value
@@ -160,7 +182,7 @@ def to_gguf(
         err_console.print(f"warning: llama.cpp has no dynamic NTK rope scaling; {final} is exact up to "
                           f"{ckpt.spec.max_position_embeddings} tokens (max_position_embeddings)", highlight=False)
     with atomic_file(final) as tmp:
-        write_gguf(ckpt, tmp, ft, arch.value, src, quiet=quiet)
+        write_gguf(ckpt, tmp, ft, arch.value, src, quiet=quiet, options=options, imatrix=importance)
     file_arch = "minicpm3" if ckpt.spec.mla else arch.value
     err_console.print(f"wrote {final} (GGUF arch {file_arch}, {ft.name})", highlight=False)
 

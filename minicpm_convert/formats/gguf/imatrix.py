@@ -47,6 +47,7 @@ class ImportanceMatrix:
     chunk_count: int = 0
     chunk_size: int = 0
     legacy: bool = False
+    path: str = ""  # the file it was read from
 
     def weights(self, name: str) -> np.ndarray | None:
         """float32 [n_mat * n_cols] for tensor ``name`` as llama-quantize computes them, or None."""
@@ -78,9 +79,9 @@ def read(path: str | Path) -> ImportanceMatrix:
         data = path.read_bytes()
     except OSError as e:
         raise ConvertError(f"{path}: cannot read the importance matrix ({e.strerror})") from None
-    if data[:4] == b"GGUF":
-        return _read_gguf(path)
-    return _read_legacy(path, data)
+    im = _read_gguf(path) if data[:4] == b"GGUF" else _read_legacy(path, data)
+    im.path = str(path)
+    return im
 
 
 def _read_gguf(path: Path) -> ImportanceMatrix:

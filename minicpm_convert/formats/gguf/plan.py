@@ -521,10 +521,46 @@ def _rules(facts: ModelFacts, opts: Options, c: _Counters, name: str, shape, cat
     return new
 
 
+# ------------------------------------------------------------------------------ the command line
+
+def parse_options(quant: str, *, imatrix: bool = False, output_tensor_type: str | None = None,
+                  token_embedding_type: str | None = None, tensor_types: list[str] | tuple[str, ...] = (),
+                  pure: bool = False, leave_output_tensor: bool = False) -> Options:
+    """to-gguf's quantization options, spelled as llama-quantize's (one place for all of them)."""
+    ft = file_type(quant)
+    if ft is None:
+        raise ConvertError(f"--quant: unknown type {quant!r} (choose from {', '.join(FILE_TYPES)}, "
+                           "or llama-quantize's spellings: Q4_K_M, q4_k_m, Q4_K, 15 ...)")
+
+    def ggml_type(option: str, text: str) -> T:
+        t = tensor_type_name(text)
+        if t is None:
+            names = ", ".join(sorted(x.name for x in SUPPORTED))
+            raise ConvertError(f"{option}: unknown or unsupported ggml type {text!r} (one of {names})")
+        return t
+
+    overrides = []
+    for item in tensor_types:
+        pattern, sep, type_text = item.partition("=")
+        if not sep or not pattern or not type_text:
+            raise ConvertError(f"--tensor-type: expected REGEX=TYPE, e.g. attn_v=q8_0, got {item!r}")
+        try:
+            re.compile(pattern.lower())
+        except re.error as e:
+            raise ConvertError(f"--tensor-type: bad regular expression {pattern!r} ({e})") from None
+        overrides.append((pattern.lower(), ggml_type("--tensor-type", type_text)))
+    return Options(ft, imatrix=imatrix,
+                   output_tensor_type=ggml_type("--output-tensor-type", output_tensor_type) if output_tensor_type else None,
+                   token_embedding_type=ggml_type("--token-embedding-type", token_embedding_type) if token_embedding_type else None,
+                   tensor_types=tuple(overrides), pure=pure, leave_output_tensor=leave_output_tensor)
+
+
 # ------------------------------------------------------------------------------ the --dry-run report
 
 def report(plan: Plan, header_bytes: int = 0) -> dict:
-    """The plan as data: type per tensor, what fell back and why, bits per weight, file size."""
+    """The plan as data: type per tensor, what fell back and why, bits per weight, file size
+    (``header_bytes``: the metadata and tensor index before the data; tensors are 32-byte aligned)."""
+    padded = sum(-(-t.nbytes // 32) * 32 for t in plan.tensors)
     return {
         "file_type": plan.file_type.name,
         "importance_matrix": plan.has_imatrix,
@@ -535,6 +571,24 @@ def report(plan: Plan, header_bytes: int = 0) -> dict:
         "weights": plan.n_weights,
         "tensor_bytes": plan.tensor_bytes,
         "bits_per_weight": round(plan.bits_per_weight, 4),
-        "file_bytes": header_bytes + plan.tensor_bytes if header_bytes else None,
+        "file_bytes": -(-header_bytes // 32) * 32 + padded if header_bytes else None,
         "needs_imatrix": [t.name for t in plan.needs_imatrix],
     }
+
+
+def format_report(r: dict) -> str:
+    """The report as the text --dry-run prints."""
+    rows = [(t["name"], "x".join(map(str, reversed(t["shape"]))), t["type"], t["how"], t["fallback"] or "")
+            for t in r["tensors"]]
+    head = ("tensor", "ggml shape", "type", "chosen by", "fallback")
+    widths = [max(len(str(row[i])) for row in [head, *rows]) for i in range(4)]
+    lines = ["  ".join(str(v).ljust(w) for v, w in zip(row[:4], widths)) + ("  " + row[4] if row[4] else "")
+             for row in [head, *rows]]
+    size = r["file_bytes"] if r["file_bytes"] is not None else r["tensor_bytes"]
+    lines.append(f"{len(rows)} tensors, {r['weights']:,} weights, {r['bits_per_weight']:.2f} bits per weight, "
+                 f"{'file' if r['file_bytes'] else 'tensor data'} {size / 2**20:.2f} MiB ({size:,} bytes); "
+                 f"{r['fallbacks']} fell back")
+    if r["needs_imatrix"] and not r["importance_matrix"]:
+        lines.append(f"warning: {len(r['needs_imatrix'])} tensors need an importance matrix (--imatrix FILE); "
+                     f"writing this file will be refused without one")
+    return "\n".join(lines)

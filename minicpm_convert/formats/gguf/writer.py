@@ -165,6 +165,44 @@ def row_bytes(qtype: T, ncols: int) -> int:
     return ncols // block * size
 
 
+def _header(ckpt, arch, ft, source, jobs, plan, imatrix) -> GGUFWriter:
+    """A writer holding the metadata and tensor index of the file (no data yet)."""
+    w = GGUFWriter(None, arch)
+    add_metadata(w, ckpt, arch, ft, source)
+    if imatrix is not None:  # the provenance keys llama-quantize adds (tools/quantize, kv overrides)
+        w.add_string("quantize.imatrix.file", str(imatrix.path)[:127])
+        if imatrix.datasets:
+            w.add_string("quantize.imatrix.dataset", imatrix.datasets[0][:127])
+        w.add_uint32("quantize.imatrix.entries_count", len(imatrix.entries))
+        if imatrix.chunk_count > 0:
+            w.add_uint32("quantize.imatrix.chunks_count", imatrix.chunk_count)
+    for name, job in jobs:
+        nbytes = (job.rows * job.row_values // job.shape[-1] * row_bytes(plan[name], job.shape[-1])
+                  if len(job.shape) > 1 else job.rows * 4)  # rows of all experts for a 3-D stack
+        w.add_tensor_info(name, job.shape, np.dtype(np.float32), nbytes, raw_dtype=plan[name])
+    return w
+
+
+def dry_run(ckpt: Checkpoint, arch: str, source: str, options: Options, imatrix=None) -> dict:
+    """llama-quantize --dry-run: the plan report (type per tensor, fallbacks, bits per weight and
+    the exact file size) without quantizing anything."""
+    import tempfile
+
+    from .plan import report
+
+    arch = file_arch(ckpt, arch)
+    jobs = gguf_jobs(ckpt, arch)
+    chosen = make_plan(model_facts(ckpt, arch, jobs), options)
+    w = _header(ckpt, arch, options.file_type, source, jobs, chosen.types(), imatrix)
+    with tempfile.TemporaryDirectory() as tmp:
+        w.write_header_to_file(Path(tmp) / "header.gguf")
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        size = w.fout[0].tell()
+        w.close()
+    return report(chosen, size)
+
+
 def write_gguf(ckpt: Checkpoint, out: Path, ft: FileType, arch: str, source: str, *, quiet: bool = False,
                threads: int | None = None, options: Options | None = None, imatrix=None) -> dict[str, T]:
     """Write the GGUF file at `out`; return the type chosen for each tensor.
@@ -182,12 +220,7 @@ def write_gguf(ckpt: Checkpoint, out: Path, ft: FileType, arch: str, source: str
         imatrix.check_finite()
     qws = {t.name: tensor_importance(t, imatrix) for t in chosen.tensors}
     plan = chosen.types()
-    w = GGUFWriter(None, arch)
-    add_metadata(w, ckpt, arch, ft, source)
-    for name, job in jobs:
-        nbytes = (job.rows * job.row_values // job.shape[-1] * row_bytes(plan[name], job.shape[-1])
-                  if len(job.shape) > 1 else job.rows * 4)  # rows of all experts for a 3-D stack
-        w.add_tensor_info(name, job.shape, np.dtype(np.float32), nbytes, raw_dtype=plan[name])
+    w = _header(ckpt, arch, ft, source, jobs, plan, imatrix)
     w.write_header_to_file(out)
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
