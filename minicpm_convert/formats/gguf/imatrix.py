@@ -168,12 +168,12 @@ def _read_legacy(path: Path, data: bytes) -> ImportanceMatrix:
 
 def write(path: str | Path, im: ImportanceMatrix) -> None:
     """Write ``im`` as llama-imatrix's GGUF (entries in name order, as save_imatrix sorts them)."""
-    from gguf import GGUFWriter
+    from gguf import GGUFValueType
 
-    w = GGUFWriter(str(path), arch="")
-    del w.kv_data[0]["general.architecture"]  # an imatrix file has none
+    w = _writer(str(path))
     w.add_type("imatrix")
-    w.add_array(KEY_DATASETS, list(im.datasets))
+    # the dataset list even when empty (add_array would drop it; llama-quantize requires the key)
+    w.add_key_value(KEY_DATASETS, list(im.datasets), GGUFValueType.ARRAY, sub_type=GGUFValueType.STRING)
     w.add_uint32(KEY_CHUNK_COUNT, int(im.chunk_count))
     w.add_uint32(KEY_CHUNK_SIZE, int(im.chunk_size))
     for name in sorted(im.entries):
@@ -184,6 +184,21 @@ def write(path: str | Path, im: ImportanceMatrix) -> None:
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
+
+def _writer(path: str):
+    """gguf-py's writer, but one that can write an empty string array (llama-imatrix writes
+    imatrix.datasets even when it is empty, and llama-quantize requires the key)."""
+    from gguf import GGUFValueType, GGUFWriter
+
+    class Writer(GGUFWriter):
+        def _pack_val(self, val, vtype, add_vtype, sub_type=None):
+            if vtype == GGUFValueType.ARRAY and sub_type is not None and len(val) == 0:
+                head = self._pack("I", vtype) if add_vtype else b""
+                return head + self._pack("I", sub_type) + self._pack("Q", 0)
+            return super()._pack_val(val, vtype, add_vtype, sub_type)
+
+    return Writer(path, arch="")  # an empty arch: no general.architecture, as llama-imatrix writes
 
 
 def write_legacy(path: str | Path, im: ImportanceMatrix) -> None:
