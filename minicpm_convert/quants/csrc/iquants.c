@@ -2,6 +2,7 @@
  * IQ2_S (signs plus a point of a lattice codebook), as quantize_iq* in ggml-quants.c.  The
  * codebook tables come from Python (iq_grids.py) through mc_iq_tables. */
 #include "common.h"
+#include "lanes.h"
 
 mc_tables mc_iq_tables[5];
 
@@ -21,107 +22,161 @@ static inline int best_index_int8(int n, const int8_t *val, float x) {
     return x - val[mu - 1] < val[mu] - x ? mu - 1 : mu;
 }
 
-/* quantize_row_iq4_nl_impl with block_size 32 and ntry 7 (quantize_iq4_nl and quantize_iq4_xs
- * pass 7 with or without an importance array).  sbs: 32 (IQ4_NL) or 256 (IQ4_XS). */
-static void iq4_block(int sbs, const float *x, const float *qw, uint8_t *dh, uint8_t *q4, uint8_t *scales_h,
-                      uint8_t *scales_l) {
+/* best_index_int8(16, kvalues_iq4nl, x) per lane, with the level it picks: the nearest level, the
+ * upper one on a tie (the binary search's `x - val[mu-1] < val[mu] - x`), the last for NaN. */
+static inline v8i vbest_index(v8f x, v8f *q) {
+    const v8i nan = x != x;
+    v8f lo = vsplat(kvalues_iq4nl[0]), hi = vsplat(kvalues_iq4nl[15]);
+    v8i cnt = vsplati(0);
+    for (int k = 1; k < 15; ++k) { /* v[cnt] <= x < v[cnt + 1] for v[0] < x < v[15] */
+        const v8f v = vsplat(kvalues_iq4nl[k]);
+        const v8i le = v <= x;
+        cnt -= le; /* true is -1 */
+        lo = vsel(le, v, lo);
+    }
+    for (int k = 14; k >= 1; --k) {
+        const v8f v = vsplat(kvalues_iq4nl[k]);
+        hi = vsel(v > x, v, hi);
+    }
+    const v8i lower = x - lo < hi - x;
+    v8i idx = cnt + (vsplati(1) & ~lower);
+    v8f val = vsel(lower, lo, hi);
+    const v8i below = x <= vsplat(kvalues_iq4nl[0]), above = (x >= vsplat(kvalues_iq4nl[15])) | nan;
+    idx = (idx & ~below) & ~above;
+    idx |= vsplati(15) & above;
+    val = vsel(below, vsplat(kvalues_iq4nl[0]), vsel(above, vsplat(kvalues_iq4nl[15]), val));
+    if (q) *q = val;
+    return idx;
+}
+
+/* The per-block scale search of quantize_row_iq4_nl_impl (ntry 7: quantize_iq4_nl and
+ * quantize_iq4_xs pass 7 with or without an importance array) for 8 blocks of 32 at x (block k
+ * at x + 32k, weights w + 32k): scales[k], 0 for a zero block. */
+LANES_ATTR
+static void iq4_scales_lanes(const float *x, const float *w, float *scales) {
     const int8_t *values = kvalues_iq4nl;
     const int ntry = 7;
-    float scales[QK_K / 32], weight[32];
-    uint8_t L[QK_K];
+    v8f X[32], W[32];
+    const v8f zero = vsplat(0.0f), one = vsplat(1.0f);
+    for (int i = 0; i < 32; ++i)
+        for (int k = 0; k < NL; ++k) {
+            X[i][k] = x[32 * k + i];
+            W[i][k] = w[32 * k + i];
+        }
+    v8f amax = zero, maxv = zero;
+    for (int i = 0; i < 32; ++i) {
+        const v8f a = vabs(X[i]);
+        const v8i m = a > amax;
+        amax = vsel(m, a, amax);
+        maxv = vsel(m, X[i], maxv);
+    }
+    const v8i zero_lane = amax < vsplat(GROUP_MAX_EPS);
+    maxv = vsel(zero_lane, one, maxv);
+    v8f id = one / (-maxv / vsplat(values[0])); /* d = -max/values[0], id = 1/d */
+    v8f sumqx = zero, sumq2 = zero;
+    for (int i = 0; i < 32; ++i) {
+        v8f q;
+        vbest_index(id * X[i], &q);
+        sumqx += W[i] * q * X[i];
+        sumq2 += W[i] * q * q;
+    }
+    v8f d = vsel(sumq2 > zero, sumqx / sumq2, zero);
+    v8f best = d * sumqx;
+    for (int itry = -ntry; itry <= ntry; ++itry) {
+        id = vsplat((float)(itry + values[0])) / maxv;
+        sumqx = zero;
+        sumq2 = zero;
+        for (int i = 0; i < 32; ++i) {
+            v8f q;
+            vbest_index(id * X[i], &q);
+            sumqx += W[i] * q * X[i];
+            sumq2 += W[i] * q * q;
+        }
+        const v8i better = (sumq2 > zero) & (sumqx * sumqx > best * sumq2);
+        d = vsel(better, sumqx / sumq2, d);
+        best = vsel(better, d * sumqx, best);
+    }
+    d = vsel(zero_lane, zero, d);
+    for (int k = 0; k < NL; ++k) scales[k] = d[k];
+}
+
+/* Levels best_index_int8(iscale[k] * x) for 8 blocks of 32, as nibbles q4[16i + j] =
+ * L[32i + j] | L[32i + 16 + j] << 4 (block k's 16 bytes at q4 + stride*k). */
+LANES_ATTR
+static void iq4_levels_lanes(const float *x, const float *iscale, uint8_t *q4, int stride) {
+    v8f s;
+    for (int k = 0; k < NL; ++k) s[k] = iscale[k];
+    uint8_t L[NL][32];
+    for (int i = 0; i < 32; ++i) {
+        v8f xi;
+        for (int k = 0; k < NL; ++k) xi[k] = x[32 * k + i];
+        const v8i l = vbest_index(s * xi, NULL);
+        for (int k = 0; k < NL; ++k) L[k][i] = (uint8_t)l[k];
+    }
+    for (int k = 0; k < NL; ++k)
+        for (int j = 0; j < 16; ++j) q4[stride * k + j] = (uint8_t)(L[k][j] | (L[k][16 + j] << 4));
+}
+
+/* weights of quantize_row_iq4_nl_impl for sbs values at x: qw * sqrtf(sigma2 + x^2) with
+ * sigma2 = 2/sbs * sum x^2, or x^2 without an importance array */
+static void iq4_weights(int sbs, const float *x, const float *qw, float *w) {
     float sigma2 = 0;
     for (int j = 0; j < sbs; ++j) sigma2 += x[j] * x[j];
     sigma2 *= 2.f / sbs;
-    memset(q4, 0, (size_t)(sbs / 2));
-    float max_scale = 0, amax_scale = 0;
-    for (int ib = 0; ib < sbs / 32; ++ib) {
-        const float *xb = x + 32 * ib;
-        uint8_t *Lb = L + 32 * ib;
-        if (qw) {
-            for (int j = 0; j < 32; ++j) weight[j] = qw[32 * ib + j] * sqrtf(sigma2 + xb[j] * xb[j]);
-        } else {
-            for (int j = 0; j < 32; ++j) weight[j] = xb[j] * xb[j];
-        }
-        float amax = 0, max = 0;
-        for (int j = 0; j < 32; ++j) {
-            const float ax = fabsf(xb[j]);
-            if (ax > amax) {
-                amax = ax;
-                max = xb[j];
-            }
-        }
-        if (amax < GROUP_MAX_EPS) {
-            scales[ib] = 0;
-            continue;
-        }
-        float d = -max / values[0];
-        float id = 1 / d;
-        float sumqx = 0, sumq2 = 0;
-        for (int j = 0; j < 32; ++j) {
-            const int l = best_index_int8(16, values, id * xb[j]);
-            Lb[j] = (uint8_t)l;
-            const float q = values[l];
-            sumqx += weight[j] * q * xb[j];
-            sumq2 += weight[j] * q * q;
-        }
-        d = sumq2 > 0 ? sumqx / sumq2 : 0.f;
-        float best = d * sumqx;
-        for (int itry = -ntry; itry <= ntry; ++itry) {
-            id = (itry + values[0]) / max;
-            sumqx = sumq2 = 0;
-            for (int j = 0; j < 32; ++j) {
-                const float q = values[best_index_int8(16, values, id * xb[j])];
-                sumqx += weight[j] * q * xb[j];
-                sumq2 += weight[j] * q * q;
-            }
-            if (sumq2 > 0 && sumqx * sumqx > best * sumq2) {
-                d = sumqx / sumq2;
-                best = d * sumqx;
-            }
-        }
-        scales[ib] = d;
-        const float abs_d = fabsf(d);
-        if (abs_d > amax_scale) {
-            amax_scale = abs_d;
-            max_scale = d;
-        }
-    }
-    if (sbs > 32) {
-        const float d = -max_scale / 32;
-        put_half(dh, d);
-        const float id = d ? 1 / d : 0.f;
-        uint16_t sh = 0;
-        for (int ib = 0; ib < sbs / 32; ++ib) {
-            int l = clampi(nearest_int(id * scales[ib]), -32, 31);
-            const float dl = d * l;
-            const float idl = dl ? 1 / dl : 0.f;
-            for (int j = 0; j < 32; ++j) L[32 * ib + j] = (uint8_t)best_index_int8(16, values, idl * x[32 * ib + j]);
-            l += 32;
-            if (ib % 2 == 0) scales_l[ib / 2] = (uint8_t)(l & 0xf);
-            else scales_l[ib / 2] |= (uint8_t)((l & 0xf) << 4);
-            sh |= (uint16_t)((l >> 4) << (2 * (ib % 8)));
-        }
-        put_u16(scales_h, sh);
-    } else {
-        put_half(dh, scales[0]);
-        const float id = scales[0] ? 1 / scales[0] : 0;
-        for (int j = 0; j < 32; ++j) L[j] = (uint8_t)best_index_int8(16, values, id * x[j]);
-    }
-    for (int i = 0; i < sbs / 32; ++i)
-        for (int j = 0; j < 16; ++j) q4[16 * i + j] = (uint8_t)(L[32 * i + j] | (L[32 * i + 16 + j] << 4));
+    for (int j = 0; j < sbs; ++j) w[j] = qw ? qw[j] * sqrtf(sigma2 + x[j] * x[j]) : x[j] * x[j];
 }
 
 int mc_iq4_nl(const float *x, uint8_t *y, int64_t nrows, int64_t n, const float *qw) {
-    const int64_t per_row = n / 32;
-    for (int64_t b = 0; b < nrows * per_row; ++b, x += 32, y += 18)
-        iq4_block(32, x, qw ? qw + 32 * (b % per_row) : NULL, y, y + 2, NULL, NULL);
+    const int64_t per_row = n / 32, nb = nrows * per_row;
+    float xb[NL * 32], w[NL * 32], sc[NL], id[NL];
+    for (int64_t b = 0; b < nb; b += NL) { /* 8 blocks at a time; a short tail is zero-padded */
+        const int m = (int)(nb - b < NL ? nb - b : NL);
+        memset(xb, 0, sizeof xb);
+        memcpy(xb, x + 32 * b, sizeof(float) * 32 * (size_t)m);
+        for (int k = 0; k < NL; ++k) iq4_weights(32, xb + 32 * k, qw ? qw + 32 * ((b + k) % per_row) : NULL, w + 32 * k);
+        iq4_scales_lanes(xb, w, sc);
+        uint8_t q4[NL * 16];
+        for (int k = 0; k < NL; ++k) id[k] = sc[k] ? 1 / sc[k] : 0;
+        iq4_levels_lanes(xb, id, q4, 16);
+        for (int k = 0; k < m; ++k) {
+            uint8_t *yb = y + 18 * (b + k);
+            put_half(yb, sc[k]);
+            memcpy(yb + 2, q4 + 16 * k, 16);
+        }
+    }
     return 0;
 }
 
 int mc_iq4_xs(const float *x, uint8_t *y, int64_t nrows, int64_t n, const float *qw) {
     const int64_t per_row = n / QK_K;
-    for (int64_t b = 0; b < nrows * per_row; ++b, x += QK_K, y += 136)
-        iq4_block(QK_K, x, qw ? qw + QK_K * (b % per_row) : NULL, y, y + 8, y + 2, y + 4);
+    float w[QK_K], scales[8], idl[8];
+    for (int64_t b = 0; b < nrows * per_row; ++b, x += QK_K, y += 136) {
+        iq4_weights(QK_K, x, qw ? qw + QK_K * (b % per_row) : NULL, w);
+        iq4_scales_lanes(x, w, scales); /* the 8 sub-blocks of 32 are the 8 lanes */
+        float max_scale = 0, amax_scale = 0;
+        for (int ib = 0; ib < 8; ++ib) {
+            const float a = fabsf(scales[ib]);
+            if (a > amax_scale) {
+                amax_scale = a;
+                max_scale = scales[ib];
+            }
+        }
+        const float d = -max_scale / 32;
+        put_half(y, d);
+        const float id = d ? 1 / d : 0.f;
+        uint16_t sh = 0;
+        for (int ib = 0; ib < 8; ++ib) {
+            int l = clampi(nearest_int(id * scales[ib]), -32, 31);
+            const float dl = d * l;
+            idl[ib] = dl ? 1 / dl : 0.f;
+            l += 32;
+            if (ib % 2 == 0) y[4 + ib / 2] = (uint8_t)(l & 0xf);
+            else y[4 + ib / 2] |= (uint8_t)((l & 0xf) << 4);
+            sh |= (uint16_t)((l >> 4) << (2 * ib));
+        }
+        put_u16(y + 2, sh);
+        iq4_levels_lanes(x, idl, y + 8, 16);
+    }
     return 0;
 }
 
@@ -149,23 +204,47 @@ static const grid_spec IQ3_XXS = {3, 32, 8, -15, 15, 0.2f, 2.f, 1e-8f, 1, 1, 0, 
 static const grid_spec IQ3_S = {4, 32, 8, -9, 9, 0.2f, 2.f, -1.f, 0, 0, 1, 0};
 
 /* iq{2,3}_find_best_neighbour: the candidate point nearest (weighted) to xval/scale; its levels
- * go to L.  Returns the point, or -1 where llama.cpp's GGML_ASSERT would fail. */
+ * go to L.  Returns the point, or -1 where llama.cpp's GGML_ASSERT would fail.  For groups of 8
+ * the 8 coordinates of a candidate are one vector; its squared distance is still summed in
+ * coordinate order, one scalar addition at a time, as the reference sums it. */
+LANES_ATTR
 static int best_neighbour(const mc_tables *t, int u, const float *xval, const float *weight, float scale, int8_t *L) {
     const int num = t->count[u];
     const uint16_t *cand = t->flat + t->start[u];
     float best_d2 = FLT_MAX;
     int grid_index = -1;
-    for (int j = 0; j < num; ++j) {
-        const int8_t *pg = t->grid + t->group * cand[j];
-        float d2 = 0;
-        for (int i = 0; i < t->group; ++i) {
-            const float q = pg[i];
-            const float diff = scale * q - xval[i];
-            d2 += weight[i] * diff * diff;
+    if (t->group == 8) {
+        v8f xv, wv;
+        for (int i = 0; i < 8; ++i) {
+            xv[i] = xval[i];
+            wv[i] = weight[i];
         }
-        if (d2 < best_d2) {
-            best_d2 = d2;
-            grid_index = cand[j];
+        const v8f sv = vsplat(scale);
+        for (int j = 0; j < num; ++j) {
+            v8f q;
+            memcpy(&q, t->gridf + 8 * cand[j], sizeof q);
+            const v8f diff = sv * q - xv;
+            const v8f e = wv * diff * diff;
+            float d2 = 0;
+            for (int i = 0; i < 8; ++i) d2 += e[i];
+            if (d2 < best_d2) {
+                best_d2 = d2;
+                grid_index = cand[j];
+            }
+        }
+    } else {
+        for (int j = 0; j < num; ++j) {
+            const int8_t *pg = t->grid + t->group * cand[j];
+            float d2 = 0;
+            for (int i = 0; i < t->group; ++i) {
+                const float q = pg[i];
+                const float diff = scale * q - xval[i];
+                d2 += weight[i] * diff * diff;
+            }
+            if (d2 < best_d2) {
+                best_d2 = d2;
+                grid_index = cand[j];
+            }
         }
     }
     if (grid_index < 0) return -1;
