@@ -582,7 +582,7 @@ def format_report(r: dict) -> str:
             for t in r["tensors"]]
     head = ("tensor", "ggml shape", "type", "chosen by", "fallback")
     widths = [max(len(str(row[i])) for row in [head, *rows]) for i in range(4)]
-    lines = ["  ".join(str(v).ljust(w) for v, w in zip(row[:4], widths)) + ("  " + row[4] if row[4] else "")
+    lines = [("  ".join(str(v).ljust(w) for v, w in zip(row[:4], widths)) + "  " + row[4]).rstrip()
              for row in [head, *rows]]
     size = r["file_bytes"] if r["file_bytes"] is not None else r["tensor_bytes"]
     lines.append(f"{len(rows)} tensors, {r['weights']:,} weights, {r['bits_per_weight']:.2f} bits per weight, "
