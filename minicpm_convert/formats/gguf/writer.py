@@ -153,7 +153,10 @@ def _encode_chunk(item) -> tuple[bytes | np.ndarray, int]:
     rows = job.read(start, stop)
     if heads:
         rows = permute_rows(rows, heads)
-    return encode(rows, qtype, qw, start), rows.numel() * 4
+    try:
+        return encode(rows, qtype, qw, start), rows.numel() * 4
+    except ValueError as e:  # a quantizer refusing what llama.cpp cannot quantize either
+        raise ConvertError(f"{job.name}: {e}") from None
 
 
 FLOAT_TYPES = {T.F32: torch.float32, T.F16: torch.float16, T.BF16: torch.bfloat16}
