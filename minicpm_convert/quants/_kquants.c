@@ -112,22 +112,29 @@ static PyObject *py_set_tables(PyObject *self, PyObject *args) {
     t.kmap_size = n_index;
     int ok = t.grid && t.index && t.start && t.count && t.flat && n_start == n_index && n_count == n_index;
     if (ok) {
-        t.gridf = aligned_alloc(32, ((size_t)n_grid * sizeof(float) + 31) / 32 * 32);
-        if (t.gridf) for (Py_ssize_t i = 0; i < n_grid; ++i) t.gridf[i] = t.grid[i];
-        else PyErr_NoMemory();
-        ok = t.gridf != NULL;
+        t.gridf = malloc((size_t)n_grid * sizeof(float));
+        t.flatf = malloc((size_t)(n_flat + 2) * (size_t)t.group * sizeof(float));
+        if (t.gridf && t.flatf) {
+            for (Py_ssize_t i = 0; i < n_grid; ++i) t.gridf[i] = t.grid[i];
+        } else {
+            PyErr_NoMemory();
+        }
+        ok = t.gridf && t.flatf;
     }
     for (Py_ssize_t i = 0; ok && i < n_index; ++i) /* every lookup stays inside the tables */
         ok = t.index[i] < n_grid / t.group && t.count[i] >= 0 && t.start[i] >= 0 && t.start[i] + t.count[i] <= n_flat;
     for (Py_ssize_t i = 0; ok && i < n_flat; ++i) ok = t.flat[i] < n_grid / t.group;
+    for (Py_ssize_t i = 0; ok && i < n_flat; ++i)
+        for (int c = 0; c < t.group; ++c) t.flatf[t.group * i + c] = t.gridf[t.group * t.flat[i] + c];
+    if (ok) memset(t.flatf + t.group * n_flat, 0, 2 * (size_t)t.group * sizeof(float)); /* read past a list end, unused */
     if (!ok) {
-        free(t.grid), free(t.gridf), free(t.index), free(t.start), free(t.count), free(t.flat);
+        free(t.grid), free(t.gridf), free(t.flatf), free(t.index), free(t.start), free(t.count), free(t.flat);
         if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "inconsistent codebook tables");
         return NULL;
     }
     mc_tables *slot = &mc_iq_tables[k->table];
     if (slot->grid) { /* already set: the tables are deterministic, and a running kernel may read them */
-        free(t.grid), free(t.gridf), free(t.index), free(t.start), free(t.count), free(t.flat);
+        free(t.grid), free(t.gridf), free(t.flatf), free(t.index), free(t.start), free(t.count), free(t.flat);
     } else {
         *slot = t;
     }

@@ -138,7 +138,8 @@ int mc_iq2_s(const float *, uint8_t *, int64_t, int64_t, const float *);
 /* The codebook tables of an IQ type (built in Python, see iq_grids.py), copied in once. */
 typedef struct {
     int8_t *grid;       /* [n_points][group]: 2*l + 1 */
-    float *gridf;       /* the same as floats, 32-byte aligned (one vector per point of 8) */
+    float *gridf;       /* the same as floats */
+    float *flatf;       /* the candidates' coordinates as floats, list after list (streamed, not gathered) */
     int32_t *index;     /* [kmap_size]: point of a level pattern, or -1 */
     int32_t *start;     /* [kmap_size]: first candidate of an off-grid pattern in flat */
     int32_t *count;     /* [kmap_size]: number of candidates */

@@ -213,6 +213,7 @@ static int best_neighbour(const mc_tables *t, int u, const float *xval, const fl
     const uint16_t *cand = t->flat + t->start[u];
     float best_d2 = FLT_MAX;
     int grid_index = -1;
+    const float *coords = t->flatf + (size_t)t->group * t->start[u]; /* candidate j at coords + group*j */
     if (t->group == 8) {
         v8f xv, wv;
         for (int i = 0; i < 8; ++i) {
@@ -222,7 +223,7 @@ static int best_neighbour(const mc_tables *t, int u, const float *xval, const fl
         const v8f sv = vsplat(scale);
         for (int j = 0; j < num; ++j) {
             v8f q;
-            memcpy(&q, t->gridf + 8 * cand[j], sizeof q);
+            memcpy(&q, coords + 8 * j, sizeof q);
             const v8f diff = sv * q - xv;
             const v8f e = wv * diff * diff;
             float d2 = 0;
@@ -232,18 +233,25 @@ static int best_neighbour(const mc_tables *t, int u, const float *xval, const fl
                 grid_index = cand[j];
             }
         }
-    } else {
-        for (int j = 0; j < num; ++j) {
-            const int8_t *pg = t->grid + t->group * cand[j];
-            float d2 = 0;
-            for (int i = 0; i < t->group; ++i) {
-                const float q = pg[i];
-                const float diff = scale * q - xval[i];
-                d2 += weight[i] * diff * diff;
-            }
-            if (d2 < best_d2) {
-                best_d2 = d2;
-                grid_index = cand[j];
+    } else { /* groups of 4: two candidates per vector, each summed in coordinate order */
+        v8f xv, wv;
+        for (int i = 0; i < 8; ++i) {
+            xv[i] = xval[i % 4];
+            wv[i] = weight[i % 4];
+        }
+        const v8f sv = vsplat(scale);
+        for (int j = 0; j < num; j += 2) { /* a lone last candidate reads the next list (or padding) */
+            v8f q;
+            memcpy(&q, coords + 4 * j, sizeof q);
+            const v8f diff = sv * q - xv;
+            const v8f e = wv * diff * diff;
+            for (int h = 0; h < 2 && j + h < num; ++h) {
+                float d2 = 0;
+                for (int i = 0; i < 4; ++i) d2 += e[4 * h + i];
+                if (d2 < best_d2) {
+                    best_d2 = d2;
+                    grid_index = cand[j + h];
+                }
             }
         }
     }
