@@ -11,7 +11,7 @@ QUANTS := f32 f16 bf16 q8_0 q4_0 q4_K_M q5_K_M q6_K
 
 .PHONY: install install-test fixtures demo test test-interop bench clean
 
-$(STAMP)/install: pyproject.toml setup.py minicpm_convert/quants/_kquants.c
+$(STAMP)/install: pyproject.toml setup.py minicpm_convert/quants/_kquants.c $(wildcard minicpm_convert/quants/csrc/*)
 	@mkdir -p $(STAMP)
 	$(PIP) install --quiet torch==2.13.0
 	$(PIP) install --quiet -e .

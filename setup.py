@@ -6,6 +6,7 @@ multiply-add and without fast math, which the byte-exactness with llama.cpp depe
 """
 
 import sys
+from glob import glob
 
 from setuptools import Extension, setup
 
@@ -14,5 +15,7 @@ if sys.platform == "win32":
 else:
     FLAGS = ["-O2", "-ffp-contract=off", "-fno-fast-math", "-Wno-psabi"]
 
-setup(ext_modules=[Extension("minicpm_convert.quants._kquants", ["minicpm_convert/quants/_kquants.c"],
+SOURCES = ["minicpm_convert/quants/_kquants.c", *sorted(glob("minicpm_convert/quants/csrc/*.c"))]
+
+setup(ext_modules=[Extension("minicpm_convert.quants._kquants", SOURCES, depends=glob("minicpm_convert/quants/csrc/*.h"),
                              extra_compile_args=FLAGS, optional=True)])

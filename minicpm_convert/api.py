@@ -118,21 +118,50 @@ def to_llama(src: PathLike, out: PathLike, *, dtype: str = "auto", shard_size: s
     return Export(target.path, f"{arch}, {str(torch_dtype).removeprefix('torch.')}", found)
 
 
+def _gguf_options(quant: str, imatrix, output_tensor_type, token_embedding_type, tensor_types, pure,
+                  leave_output_tensor):
+    from .formats.gguf import imatrix as imatrix_file
+    from .formats.gguf.plan import parse_options
+
+    options = parse_options(quant, imatrix=imatrix is not None, output_tensor_type=output_tensor_type,
+                            token_embedding_type=token_embedding_type, tensor_types=list(tensor_types), pure=pure,
+                            leave_output_tensor=leave_output_tensor)
+    return options, (imatrix_file.read(Path(imatrix)) if imatrix is not None else None)
+
+
+def gguf_plan(src: PathLike, *, quant: str = "q4_K_M", arch: str | None = None, imatrix: PathLike | None = None,
+              output_tensor_type: str | None = None, token_embedding_type: str | None = None,
+              tensor_types: Sequence[str] = (), pure: bool = False, leave_output_tensor: bool = False) -> dict:
+    """What `to_gguf` would write (llama-quantize's --dry-run): the type of every tensor, which
+    fell back and why, bits per weight and the exact file size. Nothing is written."""
+    from .formats.gguf.writer import dry_run
+
+    options, importance = _gguf_options(quant, imatrix, output_tensor_type, token_embedding_type, tensor_types,
+                                        pure, leave_output_tensor)
+    ckpt = _open(src)
+    from .families import check
+    check(ckpt.spec, "to-gguf --arch llama" if arch == "llama" else "to-gguf", ckpt.folder)
+    return dry_run(ckpt, arch, str(src), options, importance)
+
+
 def to_gguf(src: PathLike, out: PathLike, *, quant: str = "q4_K_M", arch: str | None = None, force: bool = False,
-            quiet: bool = True, notes: Notes = None) -> GgufExport:
+            quiet: bool = True, notes: Notes = None, imatrix: PathLike | None = None,
+            output_tensor_type: str | None = None, token_embedding_type: str | None = None,
+            tensor_types: Sequence[str] = (), pure: bool = False, leave_output_tensor: bool = False) -> GgufExport:
     """Write a GGUF file (OUT, or a file named as llama.cpp's converter would inside the folder OUT).
 
-    `arch`: 'minicpm' (scales as metadata), 'llama' (folded) or None for the family's own."""
+    `arch`: 'minicpm' (scales as metadata), 'llama' (folded) or None for the family's own.
+    `quant`: any llama-quantize file type; `imatrix`: an importance matrix file (llama-imatrix's GGUF
+    or legacy .dat); the per-tensor options are llama-quantize's."""
     from .formats.gguf.metadata import default_file_name, model_metadata
-    from .formats.gguf.plan import FILE_TYPES, file_type
     from .formats.gguf.writer import file_arch, gguf_jobs, write_gguf
     from .output import Protected, atomic_file, file_output
 
-    ft = file_type(quant)
-    if ft is None:
-        raise ConvertError(f"--quant: unknown type {quant!r} (choose from {', '.join(FILE_TYPES)})")
     if arch not in (None, "minicpm", "llama"):
         raise ConvertError(f"--arch: unknown architecture {arch!r} (minicpm, llama)")
+    options, importance = _gguf_options(quant, imatrix, output_tensor_type, token_embedding_type, tensor_types,
+                                        pure, leave_output_tensor)
+    ft = options.file_type
     ckpt = _open(src)
     written_arch = file_arch(ckpt, arch)
 
@@ -140,10 +169,11 @@ def to_gguf(src: PathLike, out: PathLike, *, quant: str = "q4_K_M", arch: str | 
         jobs = gguf_jobs(ckpt, written_arch)
         return default_file_name(model_metadata(ckpt.folder, [(n, j.shape) for n, j in jobs]), ft)
 
-    final = file_output(out, default_name, force, Protected.of([ckpt.folder]))
+    inputs = [Path(imatrix)] if imatrix is not None else []
+    final = file_output(out, default_name, force, Protected.of([ckpt.folder], inputs))
     found = _checked(ckpt, "to-gguf --arch llama" if arch == "llama" else "to-gguf", final, notes)
     with atomic_file(final) as tmp:
-        plan = write_gguf(ckpt, tmp, ft, arch, str(src), quiet=quiet)
+        plan = write_gguf(ckpt, tmp, ft, arch, str(src), quiet=quiet, options=options, imatrix=importance)
     return GgufExport(final, f"GGUF arch {written_arch}, {ft.name}", found, arch=written_arch, file_type=ft.name,
                       tensor_types={name: t.name for name, t in plan.items()})
 

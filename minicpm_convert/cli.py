@@ -128,12 +128,25 @@ def to_gguf(
     src: str = typer.Argument(..., help=SRC_HELP),
     out: Path = typer.Argument(..., help="Output .gguf file, or a folder to write it in (named as llama.cpp's "
                                          "converter names it)."),
-    quant: str = typer.Option("q4_K_M", "--quant", help="File type: f32 f16 bf16 q8_0 q4_0 q4_K_M q5_K_M q6_K "
-                                                       "(aliases q4km, q5km)."),
+    quant: str = typer.Option("q4_K_M", "--quant", help="File type, any llama-quantize spelling (case-insensitive): "
+                              "f32 f16 bf16 q8_0 q4_0 q4_1 q5_0 q5_1 q2_K q2_K_S q3_K_S q3_K_M q3_K_L q4_K_S q4_K_M "
+                              "q5_K_S q5_K_M q6_K iq4_nl iq4_xs iq3_xxs iq3_xs iq3_s iq3_m iq2_xxs iq2_xs iq2_s iq2_m "
+                              "tq1_0 tq2_0 (aliases Q4_K, q4km, ...)."),
     arch: Optional[Arch] = typer.Option(None, "--arch", help="minicpm: scales as metadata, as llama.cpp's converter "
                                         "writes MiniCPM (the default for MiniCPM 1/2/4 and MoE); llama: scales folded "
                                         "in, runs on any Llama runtime (the default for Llama-architecture models). "
                                         "MiniCPM3 is always arch minicpm3."),
+    imatrix: Optional[Path] = typer.Option(None, "--imatrix", help="Importance matrix (llama-imatrix's GGUF or legacy "
+                                           ".dat), as llama-quantize --imatrix."),
+    output_tensor_type: Optional[str] = typer.Option(None, "--output-tensor-type", help="ggml type of output.weight."),
+    token_embedding_type: Optional[str] = typer.Option(None, "--token-embedding-type",
+                                                       help="ggml type of token_embd.weight."),
+    tensor_type: list[str] = typer.Option([], "--tensor-type", help="REGEX=TYPE: tensors whose name matches get TYPE "
+                                          "(repeatable; the first match wins), e.g. attn_v=q8_0."),
+    pure: bool = typer.Option(False, "--pure", help="Every quantized tensor in the file type's default type."),
+    leave_output_tensor: bool = typer.Option(False, "--leave-output-tensor", help="Leave output.weight unquantized (F32)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the type plan (per tensor, fallbacks, bits per "
+                                 "weight, file size) and write nothing."),
     force: bool = typer.Option(False, "--force", help=FORCE_FILE_HELP),
     quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
 ):
@@ -143,8 +156,16 @@ def to_gguf(
     with llama-quantize's choice of type per tensor, quantized from the exact source values.
     """
     from . import api
+
+    plan = dict(imatrix=imatrix, output_tensor_type=output_tensor_type, token_embedding_type=token_embedding_type,
+                tensor_types=tensor_type, pure=pure, leave_output_tensor=leave_output_tensor)
+    if dry_run:
+        from .formats.gguf.plan import format_report
+        report = api.gguf_plan(src, quant=quant, arch=arch.value if arch else None, **plan)
+        out_console.print(format_report(report), highlight=False, markup=False, soft_wrap=True)
+        return
     done = api.to_gguf(src, out, quant=quant, arch=arch.value if arch else None, force=force, quiet=quiet,
-                       notes=note)
+                       notes=note, **plan)
     say(f"wrote {done.path} ({done.kind})")
 
 

@@ -17,8 +17,8 @@ def _libggml():
 
 
 def _kquants():
-    from minicpm_convert.quants import kquants
-    return kquants._compiled
+    from minicpm_convert.quants import registry
+    return registry._compiled
 
 
 LOADERS = {

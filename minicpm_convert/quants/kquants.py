@@ -1,423 +1,244 @@
-"""Byte-exact NumPy ports of llama.cpp's reference k-quant quantizers (no imatrix).
+"""NumPy ports of llama.cpp's k-quants Q2_K .. Q6_K, with and without an importance matrix.
 
-``quantize_q4_k`` / ``quantize_q5_k`` / ``quantize_q6_k`` produce exactly the bytes of
-``quantize_row_q4_K_ref`` / ``quantize_row_q5_K_ref`` / ``quantize_row_q6_K_ref`` in
-``ggml/src/ggml-quants.c`` (what ``ggml_quantize_chunk`` runs when no imatrix is given),
-as built for x86-64 without FMA contraction (the default ``ggml-base`` build).
-
-How exactness is kept while vectorising:
-
-* Data are laid out lane-major: a sub-block of 32 (Q4_K/Q5_K) or 16 (Q6_K) weights is one
-  column of an ``(n, M)`` float32 array, so every NumPy op works on all sub-blocks of a chunk
-  at once, and a per-sub-block sum is an explicit loop over the ``n`` rows, i.e. the same
-  sequential float32 accumulation, in source order, that the C loop does (never np.sum).
-* Every arithmetic op is float32 and follows C's evaluation order (``(w*l)*l``,
-  ``((scale*l)+min)-x``, ``1/iscale``, ``x/d`` ...); constants are ``np.float32``.
-* ``nearest_int`` is ``fval + 1.5*2**23`` then the low mantissa bits.  When every argument of
-  a call is provably inside its asserted domain (|f| <= 4194303, checked per lane from the
-  lane's min/max, since the mapping is monotone), this is ``np.rint``; otherwise (subnormal
-  or overflowing inputs give inf/NaN there) the bit trick itself is evaluated, so even the
-  out-of-domain "garbage" matches.
-* The winning quant levels of the inner searches are not copied around at each step: only
-  the winning ``iscale`` (and ``min``) is remembered, and the levels are recomputed at the
-  end, only for the sub-blocks whose final super-block scale is zero (``if (!d) continue``).
-
-Inputs are expected to be finite; NaN/inf inputs are not guaranteed to match C's bytes.
+One function per type, ``q4_k(rows, qw)``: float32 ``rows [nrows, n]`` (n % 256 == 0) and the
+importance array ``qw [n]`` (or None) -> the bytes ``ggml_quantize_chunk`` writes,
+uint8 ``[nrows, n/256 * type_size]``.  Without ``qw`` that is ``quantize_row_<type>_ref``; with
+it, ``quantize_row_<type>_impl`` (ggml-quants.c).  Every super-block is independent, so all of
+them are processed side by side (lane-major, see :mod:`.numeric`); these are the oracle of the
+compiled kernels and the fallback when the extension is not built.
 """
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
-try:  # the compiled kernels (setup.py builds them when a C compiler is present)
-    from . import _kquants as _compiled
-except ImportError:  # pragma: no cover - depends on the install
-    _compiled = None
-
-__all__ = ["QK_K", "quantize_q4_k", "quantize_q5_k", "quantize_q6_k"]
+from .numeric import F32, ONE, ZERO, as_f32, f16_bytes, f16_round, first_absmax, nearest_int, pack_2bit, running, seqsum
+from .searches import GROUP_MAX_EPS, make_q3_quants, make_qkx, make_qp_quants, make_qx_quants
 
 QK_K = 256
 
-_F32 = np.float32
-_ZERO = _F32(0.0)
-_ONE = _F32(1.0)
-_MAGIC = _F32(12582912.0)  # 1.5 * 2**23, nearest_int's magic number
-_NI_MAX = _F32(4194303.0)  # nearest_int asserts fabsf(fval) <= this
-_GROUP_MAX_EPS = _F32(1e-15)
 
-# Super-blocks per chunk: ~8 float32 work arrays of chunk*256 values (~7 MB at 1024);
-# measured on one core, throughput plateaus from ~768 up.
-_CHUNK_BLOCKS = {"q4_k": 1024, "q5_k": 1024, "q6_k": 1024}
+# ----------------------------------------------------------------------------- layout helpers
 
-# Test hook: evaluate nearest_int with the bit trick everywhere (the slow, always-exact path).
-_force_exact_rounding = False
-
-# Use the compiled kernels when built (same bytes, ~20x faster); MINICPM_CONVERT_NO_C=1 or
-# setting this to False selects the NumPy port, which stays the oracle in the tests.
-use_compiled = _compiled is not None and not os.environ.get("MINICPM_CONVERT_NO_C")
+def _lanes(blocks: np.ndarray, n: int) -> np.ndarray:
+    """(nb, 256) -> (n, nb*256/n): column m is sub-block m (m // (256/n) is its super-block)."""
+    return np.ascontiguousarray(blocks.reshape(-1, n).T)
 
 
-def compiled_kernel(name: str):
-    """The compiled quantizer ``name`` (q4_k, q5_k, q6_k, q8_0, f16) if in use, else None."""
-    if not use_compiled or _force_exact_rounding or _compiled is None:
-        return None
-    return getattr(_compiled, name, None)
+def _blocks(L: np.ndarray, nb: int) -> np.ndarray:
+    """Inverse of :func:`_lanes`."""
+    return L.T.reshape(nb, QK_K)
 
 
-# ----------------------------------------------------------------------------- helpers
-
-def _nearest_int(t: np.ndarray) -> np.ndarray:
-    """C ``nearest_int`` on a float32 array, bit for bit (also outside its domain)."""
-    i = np.add(t, _MAGIC, dtype=np.float32).view(np.int32)
-    np.bitwise_and(i, 0x007FFFFF, out=i)
-    np.subtract(i, 0x00400000, out=i)
-    return i
+def _per_lane(v: np.ndarray, n: int) -> np.ndarray:
+    """A per-super-block value repeated for each of its 256/n sub-blocks."""
+    return np.repeat(v, QK_K // n)
 
 
-def _in_domain(*bounds: np.ndarray) -> bool:
-    """True if all |bounds| <= 4194303 (False for NaN)."""
-    if _force_exact_rounding:
-        return False
-    for b in bounds:
-        if b.size and not np.abs(b).max() <= _NI_MAX:  # NaN -> False
-            return False
-    return True
+def _superblocks(rows: np.ndarray, qw):
+    nb = rows.size // QK_K
+    blocks = rows.reshape(nb, QK_K)
+    Q = None if qw is None else np.broadcast_to(qw.reshape(1, -1, QK_K), (rows.shape[0], rows.shape[1] // QK_K, QK_K)).reshape(nb, QK_K)
+    return blocks, Q, nb
 
 
-def _round_clip_(t: np.ndarray, lo: int, hi: int, in_domain: bool) -> np.ndarray:
-    """In place: t <- (float) MAX(lo, MIN(hi, nearest_int(t))).  Returns t."""
-    if in_domain:
-        np.rint(t, out=t)
-        np.clip(t, _F32(lo), _F32(hi), out=t)
-    else:
-        i = _nearest_int(t)
-        np.clip(i, lo, hi, out=i)
-        t[...] = i
-    return t
+def _sigma2(blocks: np.ndarray, factor: float) -> np.ndarray:
+    """``float sumx2 = 0; for (256) sumx2 += x*x; sigma2 = factor*sumx2/QK_K`` per super-block."""
+    B = blocks.T
+    return F32(factor) * seqsum(B * B, 0) / F32(QK_K)
 
 
-def _sum0(a: np.ndarray) -> np.ndarray:
-    """``float s = 0; for (i..) s += a[i];`` along axis 0 (sequential, source order)."""
-    s = np.add(a[0], _ZERO)
-    for i in range(1, a.shape[0]):
-        s += a[i]
-    return s
+def _imatrix_weights(X: np.ndarray, Q: np.ndarray, sigma2: np.ndarray, n: int) -> np.ndarray:
+    """``qw[l] * sqrtf(sigma2 + x[l]*x[l])`` for lanes of n values."""
+    return Q * np.sqrt(_per_lane(sigma2, n) + X * X)
 
 
-def _sum1(a: np.ndarray) -> np.ndarray:
-    """``float s = a[0]; for (i = 1..) s += a[i];`` along axis 0."""
-    s = a[0].copy()
-    for i in range(1, a.shape[0]):
-        s += a[i]
-    return s
+def _requantize(X: np.ndarray, L: np.ndarray, d: np.ndarray, dm, lo: int, hi: int, offset: int = 0) -> np.ndarray:
+    """``if (!d) continue; l = nearest_int((x + dm)/d); L = MAX(lo, MIN(hi, l)) + offset``
+    per lane (dm None: ``x/d``); lanes with d == 0 keep L."""
+    t = X / d if dm is None else (X + dm) / d
+    new = np.clip(nearest_int(t), lo, hi) + offset
+    return np.where(d != 0, new, L)
 
 
-def _to_f16(v: np.ndarray) -> np.ndarray:
-    """GGML_FP32_TO_FP16 (round to nearest even) of finite float32 values."""
-    return v.astype(np.float16)
+# ----------------------------------------------------------------------------- Q4_K / Q5_K
+
+def _pack_k4_scales(ls: np.ndarray, lm: np.ndarray) -> np.ndarray:
+    """The 12 scale bytes of Q4_K/Q5_K from 8 (uint8) scales and mins, [nb, 8] each; C's uint8
+    stores wrap, so values above 63 (possible for Q4_K with an imatrix) pack as C packs them."""
+    ls, lm = ls.astype(np.int32), lm.astype(np.int32)
+    out = np.zeros((ls.shape[0], 12), np.int32)
+    out[:, 0:4] = ls[:, :4]
+    out[:, 4:8] = lm[:, :4]
+    out[:, 8:12] = (ls[:, 4:] & 0xF) | ((lm[:, 4:] & 0xF) << 4)
+    out[:, 0:4] |= (ls[:, 4:] >> 4) << 6
+    out[:, 4:8] |= (lm[:, 4:] >> 4) << 6
+    return (out & 0xFF).astype(np.uint8)
 
 
-def _as_rows(x: np.ndarray, block: int, name: str) -> tuple[np.ndarray, tuple[int, ...]]:
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    if x.ndim == 0:
-        raise ValueError(f"{name}: expected an array with at least one dimension")
-    n = x.shape[-1]
-    if n % block != 0:
-        raise ValueError(f"{name}: row length {n} is not a multiple of {block}")
-    return x.reshape(int(np.prod(x.shape[:-1])), n), x.shape
+def _unpack_k4_scales(q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``get_scale_min_k4`` for j = 0..7: (sc, m), int32 [nb, 8]."""
+    q = q.astype(np.int32)
+    sc = np.concatenate([q[:, 0:4] & 63, (q[:, 8:12] & 0xF) | ((q[:, 0:4] >> 6) << 4)], axis=1)
+    m = np.concatenate([q[:, 4:8] & 63, (q[:, 8:12] >> 4) | ((q[:, 4:8] >> 6) << 4)], axis=1)
+    return sc, m
 
 
-def _chunked(x: np.ndarray, type_size: int, chunk_blocks: int, fn, name: str) -> np.ndarray:
-    rows, shape = _as_rows(x, QK_K, name)
-    blocks = rows.reshape(rows.size // QK_K, QK_K)
-    nb = blocks.shape[0]
-    out = np.empty((nb, type_size), dtype=np.uint8)
-    kernel = compiled_kernel(name.lower())
-    if kernel is not None:
-        kernel(blocks, out)  # releases the GIL
-        return out.reshape(*shape[:-1], shape[-1] // QK_K * type_size)
-    with np.errstate(all="ignore"):
-        for s in range(0, nb, chunk_blocks):
-            e = min(nb, s + chunk_blocks)
-            out[s:e] = fn(blocks[s:e])
-    return out.reshape(*shape[:-1], shape[-1] // QK_K * type_size)
+def _qkx_superblocks(rows, qw, nmax, ref_params):
+    """Q4_K/Q5_K up to the levels: (d, dmin, 12 scale bytes, levels [nb, 256])."""
+    blocks, Q, nb = _superblocks(rows, qw)
+    X = _lanes(blocks, 32)
+    if qw is None:  # quantize_row_q{4,5}_K_ref
+        av_x = np.sqrt(seqsum(X * X, 0) / F32(32))
+        W = av_x + np.abs(X)
+        scale, the_min, L = make_qkx(X, W, nmax, *ref_params)
+        scales, mins = scale.reshape(nb, 8), the_min.reshape(nb, 8)
+        max_scale = running(scales.T, np.greater, 0.0)
+        max_min = running(mins.T, np.greater, 0.0)
+        inv_scale = np.where(max_scale > 0, F32(63) / max_scale, ZERO)
+        inv_min = np.where(max_min > 0, F32(63) / max_min, ZERO)
+        ls = np.minimum(63, nearest_int(inv_scale[:, None] * scales) & 0xFF)
+        lm = np.minimum(63, nearest_int(inv_min[:, None] * mins) & 0xFF)
+        d_block, m_block = max_scale / F32(63), max_min / F32(63)
+    else:  # quantize_row_q{4,5}_K_impl
+        sigma2 = _sigma2(blocks, 2)
+        W = _imatrix_weights(X, _lanes(Q, 32), sigma2, 32)
+        sw = seqsum(W, 0)
+        scale, the_min, L = make_qkx(X, W, nmax, -0.9, 0.05, 36)
+        sw8 = sw.reshape(nb, 8).T
+        d_block, ls = make_qp_quants(scale.reshape(nb, 8).T, 63, sw8)
+        m_block, lm = make_qp_quants(the_min.reshape(nb, 8).T, 63, sw8)
+        ls, lm = ls.T, lm.T
+        if nmax == 31:  # Q5_K clamps (ls = MIN(63, ls)), Q4_K does not
+            ls, lm = np.minimum(ls, 63), np.minimum(lm, 63)
+    packed = _pack_k4_scales(ls, lm)
+    sc, m = _unpack_k4_scales(packed)
+    d = (f16_round(d_block)[:, None] * as_f32(sc)).reshape(-1)
+    dm = (f16_round(m_block)[:, None] * as_f32(m)).reshape(-1)
+    L = _requantize(X, L, d, dm, 0, nmax)
+    return d_block, m_block, packed, _blocks(L, nb).astype(np.uint8)
 
 
-# ----------------------------------------------------------------- make_qkx2_quants
-
-def _make_qkx2_quants(X, W, nmax, rmin, rdelta, nstep):
-    """Vectorised ``make_qkx2_quants(n, nmax, x, weights, L, &the_min, Laux, rmin, rdelta,
-    nstep, use_mad=false)``; one lane (column) per call.
-
-    Returns ``(scale, the_min, l_iscale, l_min, early)``; the C output levels are
-    ``L = MAX(0, MIN(nmax, nearest_int(l_iscale*(x - l_min))))``, or 0 where ``early``.
-    """
-    fnmax = _F32(nmax)
-    xmin = X.min(axis=0)
-    xmax = X.max(axis=0)
-    sum_w = _sum1(W)
-    sum_x = _sum1(W * X)
-    mn = np.where(xmin > 0, _ZERO, xmin)  # if (min > 0) min = 0;
-    early = xmax == mn  # -> L = 0, *the_min = -min, return 0
-    den = xmax - mn  # (max - min), kept in step with min
-    den[early] = _ONE  # dummy, keeps the masked lanes finite
-    min0 = mn.copy()
-
-    T = np.empty_like(X)
-    E = np.empty_like(X)
-    S = np.empty((X.shape[0], 3, X.shape[1]), dtype=np.float32)
-
-    def levels(iscale):
-        np.subtract(X, mn, out=T)
-        np.multiply(T, iscale, out=T)  # iscale*(x[i] - min)
-        ok = _in_domain((xmin - mn) * iscale, (xmax - mn) * iscale)
-        return _round_clip_(T, 0, nmax, ok)
-
-    def error(L, scale, min_):
-        np.multiply(L, scale, out=E)  # scale * L[i] + min - x[i]
-        np.add(E, min_, out=E)
-        np.subtract(E, X, out=E)
-        np.multiply(E, E, out=E)
-        np.multiply(E, W, out=E)  # w * diff
-        return _sum0(E)
-
-    iscale = fnmax / den
-    scale = _ONE / iscale
-    best_error = error(levels(iscale), scale, mn)
-    l_iscale = iscale.copy()
-    l_min = mn.copy()
-
-    for step in range(nstep + 1):
-        iscale = (_F32(rmin) + _F32(rdelta) * _F32(step) + fnmax) / den
-        L = levels(iscale)
-        np.multiply(W, L, out=S[:, 0])  # w*l
-        np.multiply(S[:, 0], L, out=S[:, 1])  # w*l*l
-        np.multiply(S[:, 0], X, out=S[:, 2])  # w*l*x[i]
-        sum_l, sum_l2, sum_xl = _sum0(S)
-        D = sum_w * sum_l2 - sum_l * sum_l
-        this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
-        this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
-        pos = this_min > 0
-        if pos.any():
-            this_min[pos] = _ZERO
-            this_scale[pos] = (sum_xl / sum_l2)[pos]
-        cur_error = error(L, this_scale, this_min)
-        better = (D > 0) & (cur_error < best_error) & ~early
-        if better.any():
-            best_error[better] = cur_error[better]
-            scale[better] = this_scale[better]
-            l_iscale[better] = iscale[better]
-            l_min[better] = mn[better]
-            mn[better] = this_min[better]
-            den[better] = (xmax - mn)[better]
-
-    scale[early] = _ZERO
-    mn[early] = min0[early]
-    return scale, -mn, l_iscale, l_min, early
+def q4_k(rows: np.ndarray, qw=None) -> np.ndarray:
+    d, dmin, scales, L = _qkx_superblocks(rows, qw, 15, (-1.0, 0.1, 20))
+    nb = L.shape[0]
+    g = L.reshape(nb, 4, 2, 32)
+    out = np.concatenate([f16_bytes(d), f16_bytes(dmin), scales, (g[:, :, 0] | (g[:, :, 1] << 4)).reshape(nb, 128)], axis=1)
+    return out.reshape(rows.shape[0], -1)
 
 
-def _search_levels(X, idx, l_iscale, l_min, early, nmax):
-    """Levels left in L by make_qkx2_quants for the lanes ``idx`` (as float32)."""
-    Xs = X[:, idx]
-    sc, m = l_iscale[idx], l_min[idx]
-    T = (Xs - m) * sc
-    ok = _in_domain((Xs.min(axis=0) - m) * sc, (Xs.max(axis=0) - m) * sc)
-    _round_clip_(T, 0, nmax, ok)
-    T[:, early[idx]] = _ZERO
-    return T
+def q5_k(rows: np.ndarray, qw=None) -> np.ndarray:
+    d, dmin, scales, L = _qkx_superblocks(rows, qw, 31, (-0.5, 0.1, 15))
+    nb = L.shape[0]
+    qh = np.packbits(L.reshape(nb, 8, 32) >> 4, axis=1, bitorder="little").reshape(nb, 32)  # bit s of qh[j]: sub-block s
+    g = (L & 0x0F).reshape(nb, 4, 2, 32)
+    out = np.concatenate([f16_bytes(d), f16_bytes(dmin), scales, qh, (g[:, :, 0] | (g[:, :, 1] << 4)).reshape(nb, 128)], axis=1)
+    return out.reshape(rows.shape[0], -1)
 
 
-# ------------------------------------------------------------------- Q4_K / Q5_K
+# ----------------------------------------------------------------------------- Q6_K
 
-def _qkx_blocks(blocks, nmax, rmin, rdelta, nstep):
-    """Shared body of quantize_row_q4_K_ref / quantize_row_q5_K_ref for (nb, 256) blocks.
-
-    Returns (d16, dmin16, ls, lm, Lq) with Lq uint8 levels, shape (nb, 256)."""
-    nb = blocks.shape[0]
-    X = np.ascontiguousarray(blocks.reshape(nb * 8, 32).T)  # (32, M): lane = sub-block
-    sum_x2 = _sum0(X * X)
-    av_x = np.sqrt(sum_x2 / _F32(32))
-    W = np.abs(X)
-    W += av_x  # av_x + fabsf(x)
-    scale, the_min, l_iscale, l_min, early = _make_qkx2_quants(X, W, nmax, rmin, rdelta, nstep)
-
-    scales = scale.reshape(nb, 8)
-    mins = the_min.reshape(nb, 8)
-    # float max_scale = 0; if (scale > max_scale) max_scale = scale;  (NaN never wins)
-    max_scale = np.where(scales > 0, scales, _ZERO).max(axis=1)
-    max_min = np.where(mins > 0, mins, _ZERO).max(axis=1)
-    inv_scale = np.where(max_scale > 0, _F32(63) / max_scale, _ZERO)
-    inv_min = np.where(max_min > 0, _F32(63) / max_min, _ZERO)
-    # uint8_t ls = nearest_int(...); ls = MIN(63, ls);
-    ls = np.minimum(_nearest_int(inv_scale[:, None] * scales) & 0xFF, 63).astype(np.uint8)
-    lm = np.minimum(_nearest_int(inv_min[:, None] * mins) & 0xFF, 63).astype(np.uint8)
-    d16 = _to_f16(max_scale / _F32(63))
-    dmin16 = _to_f16(max_min / _F32(63))
-
-    d = (d16.astype(np.float32)[:, None] * ls.astype(np.float32)).reshape(-1)
-    dm = (dmin16.astype(np.float32)[:, None] * lm.astype(np.float32)).reshape(-1)
-    nz = d != 0
-    T = X + dm
-    T /= d  # (x + dm)/d
-    with_d = np.flatnonzero(nz)
-    xmin = X.min(axis=0)[with_d]
-    xmax = X.max(axis=0)[with_d]
-    ok = _in_domain((xmin + dm[with_d]) / d[with_d], (xmax + dm[with_d]) / d[with_d])
-    L = _round_clip_(T, 0, nmax, ok)
-    zero_d = np.flatnonzero(~nz)
-    if zero_d.size:  # if (!d) continue;  -> keep make_qkx2_quants' levels
-        L[:, zero_d] = _search_levels(X, zero_d, l_iscale, l_min, early, nmax)
-    Lq = L.astype(np.uint8).T.reshape(nb, QK_K)
-    return d16, dmin16, ls, lm, Lq
-
-
-def _pack_scales_k4(ls, lm):
-    out = np.empty((ls.shape[0], 12), dtype=np.uint8)
-    out[:, 0:4] = ls[:, :4] | ((ls[:, 4:] >> 4) << 6)
-    out[:, 4:8] = lm[:, :4] | ((lm[:, 4:] >> 4) << 6)
-    out[:, 8:12] = (ls[:, 4:] & 0x0F) | ((lm[:, 4:] & 0x0F) << 4)
-    return out
-
-
-def _q4_k_blocks(blocks):
-    nb = blocks.shape[0]
-    d16, dmin16, ls, lm, Lq = _qkx_blocks(blocks, 15, -1.0, 0.1, 20)
-    out = np.empty((nb, 144), dtype=np.uint8)
-    out[:, 0:2] = d16.view(np.uint8).reshape(nb, 2)
-    out[:, 2:4] = dmin16.view(np.uint8).reshape(nb, 2)
-    out[:, 4:16] = _pack_scales_k4(ls, lm)
-    Lg = Lq.reshape(nb, 4, 2, 32)
-    out[:, 16:144] = (Lg[:, :, 0] | (Lg[:, :, 1] << 4)).reshape(nb, 128)
-    return out
-
-
-def _q5_k_blocks(blocks):
-    nb = blocks.shape[0]
-    d16, dmin16, ls, lm, Lq = _qkx_blocks(blocks, 31, -0.5, 0.1, 15)
-    out = np.empty((nb, 176), dtype=np.uint8)
-    out[:, 0:2] = d16.view(np.uint8).reshape(nb, 2)
-    out[:, 2:4] = dmin16.view(np.uint8).reshape(nb, 2)
-    out[:, 4:16] = _pack_scales_k4(ls, lm)
-    # qh[j] bit s = bit 4 of element j of sub-block s
-    out[:, 16:48] = np.packbits(Lq.reshape(nb, 8, 32) >> 4, axis=1, bitorder="little").reshape(nb, 32)
-    Lg = (Lq & 0x0F).reshape(nb, 4, 2, 32)
-    out[:, 48:176] = (Lg[:, :, 0] | (Lg[:, :, 1] << 4)).reshape(nb, 128)
-    return out
-
-
-# ------------------------------------------------------------------------- Q6_K
-
-def _make_qx_quants_rmse1(X, nmax):
-    """Vectorised ``make_qx_quants(n, nmax, x, L, rmse_type=1, qw=NULL)``, one lane per column.
-
-    Returns ``(scale, l_iscale, zero)``; the C levels are
-    ``L = nmax + MAX(-nmax, MIN(nmax-1, nearest_int(l_iscale*x)))``, or 0 where ``zero``."""
-    M = X.shape[1]
-    A = np.abs(X)
-    im = A.argmax(axis=0)  # first maximum, like the strict '>' in C
-    lanes = np.arange(M)
-    amax = A[im, lanes]
-    mx = X[im, lanes]
-    zero = amax < _GROUP_MAX_EPS
-    mx = np.where(zero, _ONE, mx)  # dummy, keeps the masked lanes finite
-    fnmax = _F32(nmax)
-
-    Wt = X * X  # w = x[i]*x[i]
-    WX = Wt * X  # w*x[i]
-    T = np.empty_like(X)
-    S = np.empty((X.shape[0], 2, M), dtype=np.float32)
-
-    def sums(iscale):
-        np.multiply(X, iscale, out=T)  # iscale * x[i]
-        L = _round_clip_(T, -nmax, nmax - 1, _in_domain(np.abs(iscale) * amax))
-        np.multiply(WX, L, out=S[:, 0])  # w*x[i]*l
-        np.multiply(Wt, L, out=S[:, 1])
-        np.multiply(S[:, 1], L, out=S[:, 1])  # w*l*l
-        return _sum0(S)
-
-    iscale = _F32(-nmax) / mx
-    sumlx, suml2 = sums(iscale)
-    scale = np.where(suml2 != 0, sumlx / suml2, _ZERO)
-    best = scale * sumlx
-    l_iscale = iscale
-    for step in range(-9, 10):
-        if step == 0:
-            continue
-        iscale = -(fnmax + _F32(0.1) * _F32(step)) / mx
-        sumlx, suml2 = sums(iscale)
-        better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
-        if better.any():
-            scale = np.where(better, sumlx / suml2, scale)
-            best = np.where(better, scale * sumlx, best)
-            l_iscale = np.where(better, iscale, l_iscale)
-    scale = np.where(zero, _ZERO, scale)
-    return scale, l_iscale, zero
-
-
-def _q6_k_blocks(blocks):
-    nb = blocks.shape[0]
-    X = np.ascontiguousarray(blocks.reshape(nb * 16, 16).T)  # (16, M): lane = sub-block
-    scale, l_iscale, qx_zero = _make_qx_quants_rmse1(X, 32)
-
+def q6_k(rows: np.ndarray, qw=None) -> np.ndarray:
+    blocks, Q, nb = _superblocks(rows, qw)
+    X = _lanes(blocks, 16)
+    # quantize_row_q6_K_impl passes the importance array as make_qx_quants' weights as is
+    scale, L = make_qx_quants(X, 32, X * X if qw is None else _lanes(Q, 16))
     scales = scale.reshape(nb, 16)
-    # max_abs_scale = 0; if (abs_scale > max_abs_scale) {...}: first maximum, NaN never wins
-    a = np.abs(scales)
-    a = np.where(a > 0, a, _ZERO)
-    ib = a.argmax(axis=1)
-    rows = np.arange(nb)
-    max_abs_scale = a[rows, ib]
-    max_scale = scales[rows, ib]
-    zero_block = max_abs_scale < _GROUP_MAX_EPS
-    max_scale = np.where(zero_block, _ONE, max_scale)  # dummy for masked blocks
-
-    iscale = _F32(-128) / max_scale
-    d16 = _to_f16(_ONE / iscale)
-    sc = np.minimum(127, _nearest_int(iscale[:, None] * scales)).astype(np.int8)
-
-    d = (d16.astype(np.float32)[:, None] * sc.astype(np.float32)).reshape(-1)
-    nz = d != 0
-    T = X / d
-    with_d = np.flatnonzero(nz)
-    amax = np.abs(X).max(axis=0)[with_d]
-    L = _round_clip_(T, -32, 31, _in_domain(amax / d[with_d]))
-    zero_d = np.flatnonzero(~nz)
-    if zero_d.size:  # if (!d) continue;  -> keep make_qx_quants' levels
-        Xs = X[:, zero_d]
-        s = l_iscale[zero_d]
-        T2 = Xs * s
-        _round_clip_(T2, -32, 31, _in_domain(np.abs(s) * np.abs(Xs).max(axis=0)))
-        T2[:, qx_zero[zero_d]] = _F32(-32)  # make_qx_quants sets L = 0 for all-zero groups
-        L[:, zero_d] = T2
-    L += _F32(32)
-    Lq = L.astype(np.uint8).T.reshape(nb, 2, 4, 32)  # [half][quarter][l]
-
-    out = np.empty((nb, 210), dtype=np.uint8)
-    lo = Lq & 0x0F
-    hi = Lq >> 4
-    for h in range(2):  # ql[64h + l] and ql[64h + 32 + l]
-        out[:, 64 * h : 64 * h + 32] = lo[:, h, 0] | (lo[:, h, 2] << 4)
-        out[:, 64 * h + 32 : 64 * h + 64] = lo[:, h, 1] | (lo[:, h, 3] << 4)
-    out[:, 128:192] = (hi[:, :, 0] | (hi[:, :, 1] << 2) | (hi[:, :, 2] << 4) | (hi[:, :, 3] << 6)).reshape(nb, 64)
-    out[:, 192:208] = sc.view(np.uint8)
-    out[:, 208:210] = d16.view(np.uint8).reshape(nb, 2)
-    out[zero_block] = 0
-    return out
+    max_abs, max_scale = first_absmax(scales.T)
+    zero_block = max_abs < GROUP_MAX_EPS
+    iscale = F32(-128) / np.where(zero_block, ONE, max_scale)
+    d16 = ONE / iscale
+    sc = np.minimum(127, nearest_int(iscale[:, None] * scales)).astype(np.int8)  # int8_t store
+    d = (f16_round(d16)[:, None] * as_f32(sc)).reshape(-1)
+    Lq = _blocks(_requantize(X, L, d, None, -32, 31, 32), nb).astype(np.uint8).reshape(nb, 2, 4, 32)
+    lo, hi = Lq & 0x0F, Lq >> 4
+    ql = np.concatenate([np.concatenate([lo[:, h, 0] | (lo[:, h, 2] << 4), lo[:, h, 1] | (lo[:, h, 3] << 4)], axis=1)
+                         for h in range(2)], axis=1)
+    qh = (hi[:, :, 0] | (hi[:, :, 1] << 2) | (hi[:, :, 2] << 4) | (hi[:, :, 3] << 6)).reshape(nb, 64)
+    out = np.concatenate([ql, qh, sc.view(np.uint8), f16_bytes(d16)], axis=1)
+    out[zero_block] = 0  # memset(&y[i], 0, ...), d = 0
+    return out.reshape(rows.shape[0], -1)
 
 
-# ------------------------------------------------------------------------ public
+# ----------------------------------------------------------------------------- Q2_K
 
-def quantize_q4_k(x: np.ndarray) -> np.ndarray:
-    """float32 ``[..., n]`` (n % 256 == 0) -> uint8 ``[..., n//256*144]`` (== quantize_row_q4_K_ref)."""
-    return _chunked(x, 144, _CHUNK_BLOCKS["q4_k"], _q4_k_blocks, "Q4_K")
+def q2_k(rows: np.ndarray, qw=None) -> np.ndarray:
+    blocks, Q, nb = _superblocks(rows, qw)
+    X = _lanes(blocks, 16)
+    if qw is None:  # quantize_row_q2_K_ref
+        scale, the_min, L = make_qkx(X, np.abs(X), 3, -0.5, 0.1, 15, use_mad=True)
+        scales, mins = scale.reshape(nb, 16), the_min.reshape(nb, 16)
+        max_scale = running(scales.T, np.greater, 0.0)
+        max_min = running(mins.T, np.greater, 0.0)
+        has_s, has_m = max_scale > 0, max_min > 0
+        ls = np.where(has_s[:, None], nearest_int((F32(15) / np.where(has_s, max_scale, ONE))[:, None] * scales), 0)
+        lm = np.where(has_m[:, None], nearest_int((F32(15) / np.where(has_m, max_min, ONE))[:, None] * mins), 0)
+        packed = ((ls | (lm << 4)) & 0xFF).astype(np.uint8)  # y.scales[j] = l; y.scales[j] |= l << 4
+        d_block = np.where(has_s, max_scale / F32(15), ZERO)
+        m_block = np.where(has_m, max_min / F32(15), ZERO)
+    else:  # quantize_row_q2_K_impl
+        sigma2 = _sigma2(blocks, 1)
+        W = _imatrix_weights(X, _lanes(Q, 16), sigma2, 16)
+        sw = seqsum(W, 0)
+        scale, the_min, L = make_qkx(X, W, 3, -0.9, 0.05, 36)
+        sw16 = sw.reshape(nb, 16).T
+        d_block, ls = make_qp_quants(scale.reshape(nb, 16).T, 15, sw16)
+        m_block, lm = make_qp_quants(the_min.reshape(nb, 16).T, 15, sw16)
+        packed = ((ls.T.astype(np.int32) | (lm.T.astype(np.int32) << 4)) & 0xFF).astype(np.uint8)
+    p = packed.astype(np.int32)
+    d = (f16_round(d_block)[:, None] * as_f32(p & 0xF)).reshape(-1)
+    dm = (f16_round(m_block)[:, None] * as_f32(p >> 4)).reshape(-1)
+    Lq = _blocks(_requantize(X, L, d, dm, 0, 3), nb)
+    out = np.concatenate([packed, pack_2bit(Lq), f16_bytes(d_block), f16_bytes(m_block)], axis=1)
+    return out.reshape(rows.shape[0], -1)
 
 
-def quantize_q5_k(x: np.ndarray) -> np.ndarray:
-    """float32 ``[..., n]`` (n % 256 == 0) -> uint8 ``[..., n//256*176]`` (== quantize_row_q5_K_ref)."""
-    return _chunked(x, 176, _CHUNK_BLOCKS["q5_k"], _q5_k_blocks, "Q5_K")
+# ----------------------------------------------------------------------------- Q3_K
+
+def _pack_q3_scales(l: np.ndarray) -> np.ndarray:
+    """Sixteen 6-bit values [nb, 16] (0..63) -> the 12 scale bytes of Q3_K."""
+    l = l.astype(np.int32)
+    out = np.zeros((l.shape[0], 12), np.int32)
+    out[:, 0:8] = (l[:, :8] & 0xF) | ((l[:, 8:] & 0xF) << 4)
+    hi = l >> 4
+    for j in range(16):
+        out[:, 8 + j % 4] |= hi[:, j] << (2 * (j // 4))
+    return (out & 0xFF).astype(np.uint8)
 
 
-def quantize_q6_k(x: np.ndarray) -> np.ndarray:
-    """float32 ``[..., n]`` (n % 256 == 0) -> uint8 ``[..., n//256*210]`` (== quantize_row_q6_K_ref)."""
-    return _chunked(x, 210, _CHUNK_BLOCKS["q6_k"], _q6_k_blocks, "Q6_K")
+def _unpack_q3_scales(s: np.ndarray) -> np.ndarray:
+    """The signed sub-scales [nb, 16] the requantization reads back (``sc - 32``, int8)."""
+    s = s.astype(np.int32)
+    low = np.concatenate([s[:, :8] & 0xF, s[:, :8] >> 4], axis=1)
+    hi = np.stack([(s[:, 8 + j % 4] >> (2 * (j // 4))) & 3 for j in range(16)], axis=1)
+    v = ((low | (hi << 4)) - 32) & 0xFF  # int8_t sc = (...) - 32
+    return np.where(v > 127, v - 256, v)
+
+
+def q3_k(rows: np.ndarray, qw=None) -> np.ndarray:
+    blocks, Q, nb = _superblocks(rows, qw)
+    X = _lanes(blocks, 16)
+    if qw is None:  # quantize_row_q3_K_ref
+        scale, L = make_q3_quants(X, 4)
+        scales = scale.reshape(nb, 16)
+        _, max_scale = first_absmax(scales.T)
+        has = max_scale != 0
+        iscale = F32(-32) / np.where(has, max_scale, ONE)
+        l = nearest_int(iscale[:, None] * scales) & 0xFF  # int8_t l = nearest_int(...)
+        l = np.where(l > 127, l - 256, l)
+        l = np.where(has[:, None], np.clip(l, -32, 31) + 32, 0)
+        packed = _pack_q3_scales(l)
+        d_block = np.where(has, ONE / iscale, ZERO)
+    else:  # quantize_row_q3_K_impl
+        sigma2 = _sigma2(blocks, 2)
+        W = _imatrix_weights(X, _lanes(Q, 16), sigma2, 16)
+        sw = seqsum(W, 0)
+        scale, L = make_qx_quants(X, 4, W)
+        d_block, ls = make_qx_quants(scale.reshape(nb, 16).T, 32, sw.reshape(nb, 16).T)
+        packed = _pack_q3_scales(ls.T)
+    d = (f16_round(d_block)[:, None] * as_f32(_unpack_q3_scales(packed))).reshape(-1)
+    Lq = _blocks(_requantize(X, L, d, None, -4, 3, 4), nb)
+    hmask = np.packbits((Lq > 3).reshape(nb, 8, 32).astype(np.uint8), axis=1, bitorder="little").reshape(nb, 32)
+    Lq = np.where(Lq > 3, Lq - 4, Lq)
+    out = np.concatenate([hmask, pack_2bit(Lq), packed, f16_bytes(d_block)], axis=1)
+    return out.reshape(rows.shape[0], -1)

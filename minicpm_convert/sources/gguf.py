@@ -8,19 +8,18 @@ from pathlib import Path
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType as T
-from gguf import GGUFReader, LlamaFileType
+from gguf import GGUFReader
 
 from ..errors import ConvertError
 from ..families import GgufFields, family_for_gguf, family_of
 from ..families.base import common_gguf_fields
 from ..names import expert_parts, gguf_to_hf, stacked_name
-from ..quants.ggml import dequantize
+from ..formats.gguf.plan import FILE_TYPES
+from ..quants import dequantize
 from ..spec import ModelSpec
 
-_FILE_TYPE_NAMES = {LlamaFileType.ALL_F32: "f32", LlamaFileType.MOSTLY_F16: "f16", LlamaFileType.MOSTLY_BF16: "bf16",
-                    LlamaFileType.MOSTLY_Q8_0: "q8_0", LlamaFileType.MOSTLY_Q4_0: "q4_0",
-                    LlamaFileType.MOSTLY_Q4_K_M: "q4_K_M", LlamaFileType.MOSTLY_Q5_K_M: "q5_K_M",
-                    LlamaFileType.MOSTLY_Q6_K: "q6_K"}
+# general.file_type -> our name of it (q4_K_M, iq3_xxs, ...): every type to-gguf writes
+_FILE_TYPE_NAMES = {ft.ftype: name for name, ft in FILE_TYPES.items()}
 
 
 class GgufSource:

@@ -15,14 +15,14 @@ from gguf import GGMLQuantizationType as T
 from gguf import GGUFWriter
 
 from ... import __version__
+from ...errors import ConvertError
 from ...families import family_of
 from ...progress import progress_bar
-from ...quants.ggml import quantize
-from ...quants.kquants import compiled_kernel
+from ...quants import quantize
 from ...sources.checkpoint import Checkpoint
 from ...stream import PARALLEL_CHUNK_VALUES, TensorJob, ordered_map
 from .layout import permute_rows
-from .plan import BLOCK, FileType, sort_key, tensor_type
+from .plan import FileType, ModelFacts, Options, Plan, TensorChoice, make_plan, sort_key
 from .vocab import add_vocab
 
 
@@ -52,25 +52,51 @@ def add_metadata(w: GGUFWriter, ckpt: Checkpoint, arch: str, ft: FileType, sourc
     add_vocab(w, ckpt.folder, spec.vocab_size)
 
 
-def encode(rows: torch.Tensor, qtype: T) -> np.ndarray:
+def encode(rows: torch.Tensor, qtype: T, qw: np.ndarray | None = None, first: int = 0) -> np.ndarray:
+    """Rows (or, for a stacked 3-D tensor, experts ``first``..) in ``qtype``; ``qw``: the tensor's
+    importance array (one slice of n_cols per expert for a stack, as llama-quantize slices it)."""
     x = rows.numpy()
     if qtype == T.F32:
         return np.ascontiguousarray(x, dtype=np.float32)
-    x = np.ascontiguousarray(x.reshape(-1, x.shape[-1]), dtype=np.float32)
-    # Rows come from Checkpoint.read, checked finite: the compiled F16/Q8_0 kernels give the
-    # very bytes of ggml.quantize there (and are 5-10x faster).
-    kernel = compiled_kernel({T.F16: "f16", T.Q8_0: "q8_0"}.get(qtype, ""))
-    if kernel is not None and x.shape[-1] % BLOCK[qtype] == 0:
-        out = np.empty(x.shape, np.float16) if qtype == T.F16 else \
-            np.empty((x.shape[0], x.shape[1] // 32 * 34), np.uint8)
-        kernel(x, out)
-        return out
-    return quantize(x, qtype)
+    if x.ndim == 3 and qw is not None:
+        n = x.shape[-1]
+        return np.concatenate([quantize(e, qtype, qw[(first + k) * n:(first + k + 1) * n]).reshape(-1)
+                               for k, e in enumerate(x)])
+    return quantize(x.reshape(-1, x.shape[-1]), qtype, qw)
+
+
+def model_facts(ckpt: Checkpoint, arch: str, jobs: list[tuple[str, TensorJob]]) -> ModelFacts:
+    spec = ckpt.spec
+    return ModelFacts(arch, spec.num_hidden_layers, spec.num_attention_heads, spec.num_key_value_heads,
+                      tuple((name, tuple(job.shape)) for name, job in jobs), spec.num_experts or 0)
+
+
+def plan_gguf(ckpt: Checkpoint, arch: str | None, options: Options) -> Plan:
+    """llama-quantize's type plan for this checkpoint's GGUF (what --dry-run shows)."""
+    arch = file_arch(ckpt, arch)
+    return make_plan(model_facts(ckpt, arch, gguf_jobs(ckpt, arch)), options)
+
+
+def tensor_importance(t: TensorChoice, imatrix) -> np.ndarray | None:
+    """llama-quantize's lookup of a tensor's importance data: by name, used when its size is
+    n_cols (x n_expert); a size mismatch is an error but for token_embd; a type that needs the
+    data and finds none is refused ("Missing importance matrix ... in a very low-bit quantization")."""
+    if imatrix is None or t.type == T.F32:  # copied, not quantized
+        return None
+    qw = imatrix.weights(t.name)
+    size = t.shape[-1] * (t.shape[0] if len(t.shape) == 3 else 1)
+    if qw is not None and qw.size != size:
+        if t.name not in ("token_embd.weight", "per_layer_token_embd.weight"):
+            raise ConvertError(f"importance matrix: {t.name} has {qw.size} values, the tensor needs {size}")
+        qw = None
+    if qw is None and t.requires_imatrix:
+        raise ConvertError(f"importance matrix: no data for {t.name}, which {t.type.name} needs")
+    return qw
 
 
 def _encode_chunk(item) -> tuple[bytes | np.ndarray, int]:
     """One unit of work for the pool: read rows, permute Q/K, quantize. Thread-safe."""
-    job, start, stop, heads, qtype = item
+    job, start, stop, heads, qtype, qw = item
     float_type = FLOAT_TYPES.get(qtype)
     if float_type is not None and job.read_stored is not None:
         # A float file from unchanged values: cast the stored rows directly (torch rounds to
@@ -83,7 +109,10 @@ def _encode_chunk(item) -> tuple[bytes | np.ndarray, int]:
     rows = job.read(start, stop)
     if heads:
         rows = permute_rows(rows, heads)
-    return encode(rows, qtype), rows.numel() * 4
+    try:
+        return encode(rows, qtype, qw, start), rows.numel() * 4
+    except ValueError as e:  # a quantizer refusing what llama.cpp cannot quantize either
+        raise ConvertError(f"{job.name}: {e}") from None
 
 
 FLOAT_TYPES = {T.F32: torch.float32, T.F16: torch.float16, T.BF16: torch.bfloat16}
@@ -95,24 +124,63 @@ def row_bytes(qtype: T, ncols: int) -> int:
     return ncols // block * size
 
 
-def write_gguf(ckpt: Checkpoint, out: Path, ft: FileType, arch: str | None, source: str, *, quiet: bool = False,
-               threads: int | None = None) -> dict[str, T]:
-    """Write the GGUF file at `out`; return the type chosen for each tensor.
-
-    `arch`: the requested architecture (None: the family's own). `threads`: worker threads
-    (default: every CPU, see stream.worker_threads); the file's bytes are the same for any count."""
-    spec = ckpt.spec
-    arch = file_arch(ckpt, arch)
-    jobs = gguf_jobs(ckpt, arch)
-    tied = not any(name == "output.weight" for name, _ in jobs)
-    plan = {name: tensor_type(name, job.shape, ft, spec.num_hidden_layers, tied, spec.num_experts)
-            for name, job in jobs}
+def _header(ckpt, arch, ft, source, jobs, plan, imatrix) -> GGUFWriter:
+    """A writer holding the metadata and tensor index of the file (no data yet)."""
     w = GGUFWriter(None, arch)
     add_metadata(w, ckpt, arch, ft, source)
+    if imatrix is not None:  # the provenance keys llama-quantize adds (tools/quantize, kv overrides)
+        w.add_string("quantize.imatrix.file", str(imatrix.path)[:127])
+        if imatrix.datasets:
+            w.add_string("quantize.imatrix.dataset", imatrix.datasets[0][:127])
+        w.add_uint32("quantize.imatrix.entries_count", len(imatrix.entries))
+        if imatrix.chunk_count > 0:
+            w.add_uint32("quantize.imatrix.chunks_count", imatrix.chunk_count)
     for name, job in jobs:
         nbytes = (job.rows * job.row_values // job.shape[-1] * row_bytes(plan[name], job.shape[-1])
                   if len(job.shape) > 1 else job.rows * 4)  # rows of all experts for a 3-D stack
         w.add_tensor_info(name, job.shape, np.dtype(np.float32), nbytes, raw_dtype=plan[name])
+    return w
+
+
+def dry_run(ckpt: Checkpoint, arch: str | None, source: str, options: Options, imatrix=None) -> dict:
+    """llama-quantize --dry-run: the plan report (type per tensor, fallbacks, bits per weight and
+    the exact file size) without quantizing anything."""
+    import tempfile
+
+    from .plan import report
+
+    arch = file_arch(ckpt, arch)
+    jobs = gguf_jobs(ckpt, arch)
+    chosen = make_plan(model_facts(ckpt, arch, jobs), options)
+    w = _header(ckpt, arch, options.file_type, source, jobs, chosen.types(), imatrix)
+    with tempfile.TemporaryDirectory() as tmp:
+        w.write_header_to_file(Path(tmp) / "header.gguf")
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        size = w.fout[0].tell()
+        w.close()
+    return report(chosen, size)
+
+
+def write_gguf(ckpt: Checkpoint, out: Path, ft: FileType, arch: str | None, source: str, *, quiet: bool = False,
+               threads: int | None = None, options: Options | None = None, imatrix=None) -> dict[str, T]:
+    """Write the GGUF file at `out`; return the type chosen for each tensor.
+
+    `arch`: the requested architecture (None: the family's own).
+    `options`: llama-quantize's per-tensor options (default: none, for file type `ft`);
+    `imatrix`: an ImportanceMatrix (formats.gguf.imatrix) or None.
+    `threads`: worker threads (default: every CPU, see stream.worker_threads); the file's bytes
+    are the same for any count."""
+    spec = ckpt.spec
+    arch = file_arch(ckpt, arch)
+    jobs = gguf_jobs(ckpt, arch)
+    chosen = make_plan(model_facts(ckpt, arch, jobs), options or Options(ft, imatrix=imatrix is not None))
+    chosen.check()
+    if imatrix is not None:
+        imatrix.check_finite()
+    qws = {t.name: tensor_importance(t, imatrix) for t in chosen.tensors}
+    plan = chosen.types()
+    w = _header(ckpt, arch, ft, source, jobs, plan, imatrix)
     w.write_header_to_file(out)
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
@@ -125,7 +193,7 @@ def write_gguf(ckpt: Checkpoint, out: Path, ft: FileType, arch: str | None, sour
             # a permutation needs whole heads
             chunks = [(0, job.rows)] if heads else list(job.chunks(PARALLEL_CHUNK_VALUES))
             for k, (start, stop) in enumerate(chunks):
-                yield i, k == len(chunks) - 1, (job, start, stop, heads, plan[name])
+                yield i, k == len(chunks) - 1, (job, start, stop, heads, plan[name], qws[name])
 
     items = list(work())
     with progress_bar(f"to-gguf {ft.name}", total, len(jobs), quiet=quiet) as advance:
