@@ -58,7 +58,7 @@ test-vllm-ci: $(STAMP)/install-test
 # build ~5 min), where the interop tests run with this folder on PYTHONPATH (not installed).
 test-interop:
 	$(PYTHON) tests/venvs.py gptq
-	PYTHONPATH=$(CURDIR) $$($(PYTHON) tests/venvs.py gptq) -m pytest -q -m interop tests/sinks/test_int4.py
+	PYTHONPATH=$(CURDIR) $$($(PYTHON) tests/venvs.py gptq) -m pytest -q -m interop tests/formats/test_int4.py
 
 bench: $(STAMP)/install-test
 	$(PYTHON) benchmarks/bench.py

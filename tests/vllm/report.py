@@ -16,8 +16,8 @@ sys.path.insert(0, str(ROOT))
 
 from fixtures.make_fixtures import build_all  # noqa: E402
 from minicpm_convert import reference  # noqa: E402
-from minicpm_convert.checkpoint import Checkpoint  # noqa: E402
-from minicpm_convert.formats import open_export  # noqa: E402
+from minicpm_convert.sources.checkpoint import Checkpoint  # noqa: E402
+from minicpm_convert.sources import open_export  # noqa: E402
 from minicpm_convert.verify import prompt_tokens  # noqa: E402
 from tests.venvs import find  # noqa: E402
 from tests.vllm.client import figures, greedy_prefix, run_jobs  # noqa: E402

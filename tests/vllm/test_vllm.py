@@ -27,8 +27,8 @@ import pytest
 import torch
 
 from minicpm_convert import reference
-from minicpm_convert.checkpoint import Checkpoint
-from minicpm_convert.formats import open_export
+from minicpm_convert.sources.checkpoint import Checkpoint
+from minicpm_convert.sources import open_export
 from minicpm_convert.verify import THRESHOLDS, judge, prompt_tokens
 from tests.conftest import ROOT
 from tests.venvs import find
