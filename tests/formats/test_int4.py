@@ -167,7 +167,7 @@ def test_gptq_config_files(int4_export):
     assert GPTQConfig.from_dict(qc).format == "gptq"
 
 
-# -- (c) transformers + optimum + gptqmodel, where installed ------------------------------------
+# -- (c) transformers + optimum + gptqmodel: `make test-interop` runs it in their venv (tests/venvs.py gptq)
 @pytest.mark.interop
 @pytest.mark.parametrize("sym", [True, False])
 def test_transformers_loads_gptq_export(sym, int4_export, fixture_path):
