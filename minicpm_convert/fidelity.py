@@ -41,10 +41,23 @@ _GGML = {
     "Q4_1":   (32, "range", 15, 1.5, 0.0, 16),
     "Q5_0":   (32, "sym", 32, 1.5, 0.0, 16),
     "Q5_1":   (32, "range", 31, 1.5, 0.0, 32),
+    "Q3_K":   (256, "sym", 8, 1.5, 1 / 64, 4 * 32),  # 6-bit signed scales
     "Q4_K":   (256, "range0", 15, 1.5, 1 / 126 + 1 / 126, 15 * 63 + 63),  # 6-bit scales and mins
     "Q5_K":   (256, "range0", 31, 1.5, 1 / 126 + 1 / 126, 31 * 63 + 63),
     "Q6_K":   (256, "sym", 64, 1.5, 1 / 254, 32 * 127),  # 8-bit scales
+    # IQ4: 16 non-uniform levels (llama.cpp's kvalues_iq4nl); the widest gap is 24 of 240, a tenth
+    "IQ4_NL": (32, "sym", 10, 1.5, 0.0, 127),
+    "IQ4_XS": (256, "sym", 10, 1.5, 1 / 126, 127 * 63),  # 6-bit sub-block scales
 }
+# The 2-3-bit codebook types (lattice points of 4 or 8 values with signs, ternary values) reach
+# errors of the size of the weights on heavy-tailed or constant blocks even from a correct encoder
+# (measured: a tensor's relative RMS error up to 0.9), so they are held, tensor by tensor, to a
+# relative RMS error of at most 1 (never worse than zeros): that catches a wrong grid index, bits
+# in the wrong order or another tensor's data, not a subtle permutation, which the text figures show.
+# Q2_K (2.6 bits: 4 levels per 16 values, 4-bit scales) belongs here too: a doubled scale or an
+# importance-weighted encoding moves its values by half the block's span either way.
+CODEBOOK_TYPES = frozenset({"Q2_K", "IQ3_XXS", "IQ3_S", "IQ2_XXS", "IQ2_XS", "IQ2_S", "TQ1_0", "TQ2_0"})
+CODEBOOK_REL_RMS = 1.0
 # A file quantized with an importance matrix (llama-quantize's `quantize.imatrix.*` keys) was
 # encoded to favour the important columns, at the others' expense: single values may then be
 # many steps off, so each block is judged by its RMS error relative to its RMS value. A correct
@@ -72,6 +85,7 @@ class TensorCheck:
     rel_rms: float = 0.0  # ||x_hat - x|| / ||x||, for the report
     _sq_err: float = field(default=0.0, repr=False)
     _sq_ref: float = field(default=0.0, repr=False)
+    _count: int = field(default=0, repr=False)
 
     @property
     def passed(self) -> bool:
@@ -79,6 +93,11 @@ class TensorCheck:
 
     def finish(self) -> "TensorCheck":
         self.rel_rms = math.sqrt(self._sq_err / self._sq_ref) if self._sq_ref > 0 else math.sqrt(self._sq_err)
+        if self.storage.removesuffix("/imatrix") in CODEBOOK_TYPES:
+            # plus the floor of an f16 scale, as for the block types: ~1e-6 per value
+            bound = CODEBOOK_REL_RMS * math.sqrt(self._sq_ref) + 2.0 ** -20 * math.sqrt(self._count)
+            self.worst = math.sqrt(self._sq_err) / bound
+            self.where = "the whole tensor (relative RMS error)"
         return self
 
     def as_dict(self) -> dict:
@@ -87,7 +106,8 @@ class TensorCheck:
 
 
 def has_bound(storage: str) -> bool:
-    return (storage in _FLOATS or storage.removesuffix("/imatrix") in _GGML or storage.startswith("int4-g"))
+    base = storage.removesuffix("/imatrix")
+    return storage in _FLOATS or base in _GGML or base in CODEBOOK_TYPES or storage.startswith("int4-g")
 
 
 def int4_storage(group_size: int, sym: bool) -> str:
@@ -101,12 +121,15 @@ def compare_rows(check: TensorCheck, expected: torch.Tensor, got: torch.Tensor, 
     e = y - x
     check._sq_err += float((e * e).sum())
     check._sq_ref += float((x * x).sum())
+    check._count += x.numel()
     s = check.storage
     if s in _FLOATS:
         bits, floor = _FLOATS[s]
         bound = x.abs() * (2.0 ** -bits + _F32_SLACK) + floor
         ratio = e.abs() / bound
         _update(check, ratio, row0, 1)
+    elif s.removesuffix("/imatrix") in CODEBOOK_TYPES:
+        pass  # judged on the tensor's relative RMS error when it is complete (finish)
     elif s.endswith("/imatrix") and s.removesuffix("/imatrix") in _GGML:
         _imatrix_blocks(check, x, e, _GGML[s.removesuffix("/imatrix")][0], row0)
     elif s in _GGML:

@@ -142,8 +142,8 @@ class GgufSource:
         name = name.replace(".block_sparse_moe.", ".mlp.")
         found = self._expert(name)
         qtype = (found[0] if found is not None else self._by_hf[name]).tensor_type
-        # Q8_0 and the float types ignore an importance matrix.
-        weighted = qtype not in (T.F32, T.F16, T.BF16, T.Q8_0) and any(k.startswith("quantize.imatrix.")
+        # Q8_0, the ternary types and the float types ignore an importance matrix.
+        weighted = qtype not in (T.F32, T.F16, T.BF16, T.Q8_0, T.TQ1_0, T.TQ2_0) and any(k.startswith("quantize.imatrix.")
                                                                        for k in self.reader.fields)
         return qtype.name + ("/imatrix" if weighted else "")
 

@@ -23,7 +23,9 @@ from minicpm_convert.quants import int4
 
 from tests.requirements import require
 
-TYPES = ["Q8_0", "Q4_0", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"]
+TYPES = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS"]
+CODEBOOK = ["Q2_K", "IQ3_XXS", "IQ3_S", "IQ2_XXS", "IQ2_XS", "IQ2_S", "TQ1_0", "TQ2_0"]
+NEED_IMATRIX = ("IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS")  # llama-quantize refuses them without one
 ROWS, COLS = 24, 512
 
 
@@ -43,6 +45,7 @@ def data(kind: str, rng: np.random.Generator) -> np.ndarray:
         x = rng.standard_normal(shape)
         x[:, :64] = 0.37
         x[:, 64:96] = 0.0
+        x[:, 96:128] = -1.25
         return x
     if kind == "mixed-magnitudes":  # sub-blocks of one super-block 1000x apart
         x = rng.standard_normal(shape)
@@ -153,3 +156,24 @@ def test_int4_groups_within_and_broken_out_of_the_bound(group, sym):
         check = TensorCheck("t", storage)
         compare_rows(check, x, off, 0)
         assert check.worst > 1.5, (kind, "zero off by one", check.worst)
+
+
+@pytest.mark.parametrize("qtype", CODEBOOK)
+def test_codebook_types_within_their_tensor_bound(qtype, lib):
+    """The 2-3-bit codebook types are held tensor by tensor (relative RMS error at most 1)."""
+    rng = np.random.default_rng(10)
+    worst_seen = 0.0
+    for kind in DATA:
+        x = data(kind, rng).astype(np.float32)
+        for imx in (["uniform", "heavy", "llm-like"] if qtype in NEED_IMATRIX or not qtype.startswith("TQ")
+                    else [None]):
+            q = ggml_quantize(lib, qtype, x, importance(imx, rng))
+            got = gq.dequantize(q, T[qtype]).reshape(ROWS, COLS)
+            check = worst(qtype + ("/imatrix" if imx and not qtype.startswith("TQ") else ""), x, got)
+            check.finish()
+            worst_seen = max(worst_seen, check.worst)
+            assert check.passed, (kind, imx, check.worst)
+            if kind != "tiny":  # (values below the format's floor decode to zeros, which no scramble changes)
+                garbage = np.random.default_rng(0).permutation(got.reshape(-1)).reshape(got.shape) * 2
+                assert worst(qtype, x, garbage).finish().worst > 1.2, kind  # bits in the wrong places
+    assert worst_seen > 0.2
