@@ -1,12 +1,12 @@
 """minicpm-convert: MiniCPM checkpoints to Llama format, GGUF and INT4, with numerical proof.
 
-The Python API (see `api.py`): `to_llama`, `to_gguf`, `to_int4`, `verify`, `inspect`, each
-returning a result object; bad input raises `ConvertError`.
+The Python API (see `api.py`): `to_llama`, `to_gguf`, `to_int4`, `verify`, `inspect`, `imatrix`,
+`gguf_plan`, each returning a result object; bad input raises `ConvertError`.
 """
 
 __version__ = "0.1.0"
 
-_API = ("to_llama", "to_gguf", "to_int4", "verify", "inspect")
+_API = ("to_llama", "to_gguf", "to_int4", "verify", "inspect", "imatrix", "gguf_plan")
 __all__ = [*_API, "ConvertError", "__version__"]
 
 

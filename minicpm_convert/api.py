@@ -118,15 +118,49 @@ def to_llama(src: PathLike, out: PathLike, *, dtype: str = "auto", shard_size: s
     return Export(target.path, f"{arch}, {str(torch_dtype).removeprefix('torch.')}", found)
 
 
+@dataclass
+class ImatrixResult:
+    path: Path
+    tensors: int  # weight matrices covered
+    chunks: int
+    ctx: int
+
+
+def imatrix(src: PathLike, text: PathLike, out: PathLike = "imatrix.gguf", *, ctx: int = 512,
+            chunks: int | None = None, process_output: bool = False, output_format: str = "gguf",
+            force: bool = False, quiet: bool = True) -> ImatrixResult:
+    """llama.cpp's importance matrix of SRC on the text in TEXT (what llama-imatrix computes),
+    written in llama.cpp's GGUF imatrix format (or its legacy .dat) for `to_gguf(imatrix=...)` or
+    `llama-quantize --imatrix`."""
+    from .formats.gguf import imatrix as imatrix_file
+    from .importance import compute_from_text
+    from .output import Protected, atomic_file, file_output
+
+    if output_format not in ("gguf", "dat"):
+        raise ConvertError(f"--output-format: {output_format!r} is not gguf or dat")
+    ckpt = _open(src)
+    from .families import check
+    check(ckpt.spec, "verify", ckpt.folder)  # the forward pass must exist for this family
+    name = "imatrix.gguf" if output_format == "gguf" else "imatrix.dat"
+    final = file_output(out, lambda: name, force, Protected.of([ckpt.folder], [Path(text)]))
+    matrix = compute_from_text(ckpt, Path(text), ctx=ctx, chunks=chunks, process_output=process_output,
+                               quiet=quiet)
+    write = imatrix_file.write if output_format == "gguf" else imatrix_file.write_legacy
+    with atomic_file(final) as tmp:
+        write(tmp, matrix)
+    return ImatrixResult(final, len(matrix.entries), matrix.chunk_count, ctx)
+
+
 def _gguf_options(quant: str, imatrix, output_tensor_type, token_embedding_type, tensor_types, pure,
-                  leave_output_tensor):
+                  leave_output_tensor, read: bool = True):
+    """llama-quantize's options, and the importance matrix file read (when `read`) or None."""
     from .formats.gguf import imatrix as imatrix_file
     from .formats.gguf.plan import parse_options
 
     options = parse_options(quant, imatrix=imatrix is not None, output_tensor_type=output_tensor_type,
                             token_embedding_type=token_embedding_type, tensor_types=list(tensor_types), pure=pure,
                             leave_output_tensor=leave_output_tensor)
-    return options, (imatrix_file.read(Path(imatrix)) if imatrix is not None else None)
+    return options, (imatrix_file.read(Path(imatrix)) if imatrix is not None and read else None)
 
 
 def gguf_plan(src: PathLike, *, quant: str = "q4_K_M", arch: str | None = None, imatrix: PathLike | None = None,
@@ -146,21 +180,25 @@ def gguf_plan(src: PathLike, *, quant: str = "q4_K_M", arch: str | None = None, 
 
 def to_gguf(src: PathLike, out: PathLike, *, quant: str = "q4_K_M", arch: str | None = None, force: bool = False,
             quiet: bool = True, notes: Notes = None, imatrix: PathLike | None = None,
+            calibration: PathLike | None = None, ctx: int = 512, chunks: int | None = None,
             output_tensor_type: str | None = None, token_embedding_type: str | None = None,
             tensor_types: Sequence[str] = (), pure: bool = False, leave_output_tensor: bool = False) -> GgufExport:
     """Write a GGUF file (OUT, or a file named as llama.cpp's converter would inside the folder OUT).
 
     `arch`: 'minicpm' (scales as metadata), 'llama' (folded) or None for the family's own.
     `quant`: any llama-quantize file type; `imatrix`: an importance matrix file (llama-imatrix's GGUF
-    or legacy .dat); the per-tensor options are llama-quantize's."""
+    or legacy .dat); `calibration`: a text to compute one from first, in one step (`ctx`, `chunks`
+    as `imatrix`); the per-tensor options are llama-quantize's."""
     from .formats.gguf.metadata import default_file_name, model_metadata
     from .formats.gguf.writer import file_arch, gguf_jobs, write_gguf
     from .output import Protected, atomic_file, file_output
 
     if arch not in (None, "minicpm", "llama"):
         raise ConvertError(f"--arch: unknown architecture {arch!r} (minicpm, llama)")
-    options, importance = _gguf_options(quant, imatrix, output_tensor_type, token_embedding_type, tensor_types,
-                                        pure, leave_output_tensor)
+    if imatrix is not None and calibration is not None:
+        raise ConvertError("give --imatrix or --calibration, not both")
+    options, importance = _gguf_options(quant, imatrix or calibration, output_tensor_type, token_embedding_type,
+                                        tensor_types, pure, leave_output_tensor, read=imatrix is not None)
     ft = options.file_type
     ckpt = _open(src)
     written_arch = file_arch(ckpt, arch)
@@ -169,9 +207,13 @@ def to_gguf(src: PathLike, out: PathLike, *, quant: str = "q4_K_M", arch: str | 
         jobs = gguf_jobs(ckpt, written_arch)
         return default_file_name(model_metadata(ckpt.folder, [(n, j.shape) for n, j in jobs]), ft)
 
-    inputs = [Path(imatrix)] if imatrix is not None else []
+    inputs = [Path(p) for p in (imatrix, calibration) if p is not None]
     final = file_output(out, default_name, force, Protected.of([ckpt.folder], inputs))
     found = _checked(ckpt, "to-gguf --arch llama" if arch == "llama" else "to-gguf", final, notes)
+    if calibration is not None:  # one step: the importance matrix stays in memory
+        from .importance import compute_from_text
+        importance = compute_from_text(ckpt, Path(calibration), ctx=ctx, chunks=chunks, quiet=quiet)
+        importance.path = Path(calibration).name
     with atomic_file(final) as tmp:
         plan = write_gguf(ckpt, tmp, ft, arch, str(src), quiet=quiet, options=options, imatrix=importance)
     return GgufExport(final, f"GGUF arch {written_arch}, {ft.name}", found, arch=written_arch, file_type=ft.name,

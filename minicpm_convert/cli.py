@@ -137,7 +137,11 @@ def to_gguf(
                                         "in, runs on any Llama runtime (the default for Llama-architecture models). "
                                         "MiniCPM3 is always arch minicpm3."),
     imatrix: Optional[Path] = typer.Option(None, "--imatrix", help="Importance matrix (llama-imatrix's GGUF or legacy "
-                                           ".dat), as llama-quantize --imatrix."),
+                                           ".dat, or minicpm-convert imatrix's), as llama-quantize --imatrix."),
+    calibration: Optional[Path] = typer.Option(None, "--calibration", help="A text to compute the importance matrix "
+                                               "from first, in one step (no intermediate file)."),
+    ctx: int = typer.Option(512, "--ctx", help="With --calibration: tokens per chunk."),
+    chunks: Optional[int] = typer.Option(None, "--chunks", help="With --calibration: at most this many chunks."),
     output_tensor_type: Optional[str] = typer.Option(None, "--output-tensor-type", help="ggml type of output.weight."),
     token_embedding_type: Optional[str] = typer.Option(None, "--token-embedding-type",
                                                        help="ggml type of token_embd.weight."),
@@ -165,7 +169,7 @@ def to_gguf(
         out_console.print(format_report(report), highlight=False, markup=False, soft_wrap=True)
         return
     done = api.to_gguf(src, out, quant=quant, arch=arch.value if arch else None, force=force, quiet=quiet,
-                       notes=note, **plan)
+                       notes=note, calibration=calibration, ctx=ctx, chunks=chunks, **plan)
     say(f"wrote {done.path} ({done.kind})")
 
 
@@ -265,6 +269,29 @@ def verify_cmd(
             out_console.print(f"FAIL {Path(r.export).name}: {reason}", highlight=False, markup=False, soft_wrap=True)
     if not result.passed:
         raise typer.Exit(1)
+
+
+@app.command("imatrix")
+@run_safely
+def imatrix_cmd(
+    src: str = typer.Argument(..., help=SRC_HELP),
+    text: Path = typer.Option(..., "--text", "-f", help="The calibration text (UTF-8), as llama-imatrix -f."),
+    out: Path = typer.Option(Path("imatrix.gguf"), "--output", "-o", help="Output file, or a folder to write "
+                             "imatrix.gguf in."),
+    ctx: int = typer.Option(512, "--ctx", "-c", help="Tokens per chunk (the text needs at least two chunks)."),
+    chunks: Optional[int] = typer.Option(None, "--chunks", help="At most this many chunks."),
+    process_output: bool = typer.Option(False, "--process-output", help="Also collect output.weight's activations."),
+    output_format: str = typer.Option("gguf", "--output-format", help="gguf (llama.cpp's current format) or dat "
+                                      "(the legacy one)."),
+    force: bool = typer.Option(False, "--force", help=FORCE_FILE_HELP),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
+):
+    """Compute llama.cpp's importance matrix with the reference forward pass (what llama-imatrix
+    computes), for `to-gguf --imatrix` or `llama-quantize --imatrix`."""
+    from . import api
+    done = api.imatrix(src, text, out, ctx=ctx, chunks=chunks, process_output=process_output,
+                       output_format=output_format, force=force, quiet=quiet)
+    say(f"wrote {done.path} ({done.tensors} matrices, {done.chunks} chunks of {done.ctx} tokens)")
 
 
 @app.command("inspect")

@@ -210,17 +210,12 @@ def test_legacy_dat_gives_the_same_file(files, tmp_path):
     assert_same_tensors(tmp_path / "ours.gguf", tmp_path / "theirs.gguf")
 
 
-def llama_quantize_binary() -> Path | None:
-    """llama.cpp's llama-quantize, when scripts/build_llama_cpp_tools.sh has built it (cached)."""
-    import importlib.metadata
-
-    version = importlib.metadata.version("llama-cpp-python")
-    cache = Path(os.environ.get("MINICPM_CONVERT_CACHE", Path.home() / ".cache" / "minicpm-convert"))
-    exe = cache / f"llama.cpp-{version}" / "bin" / "llama-quantize"
-    return exe if exe.is_file() and (exe.parent.parent / ".complete").exists() else shutil.which("llama-quantize")
+def llama_quantize_binary() -> Path:
+    """llama.cpp's llama-quantize (scripts/build_llama_cpp_tools.sh builds it; CI requires it)."""
+    from tests.requirements import require
+    return require("llama.cpp tools") / "llama-quantize"
 
 
-@pytest.mark.skipif(llama_quantize_binary() is None, reason="llama-quantize not built (scripts/build_llama_cpp_tools.sh)")
 @pytest.mark.parametrize("quant", ["q4_K_M", "iq2_xs", "iq4_nl", "q2_K_S"])
 @pytest.mark.parametrize("fixture", ["tiny", "moe"])
 def test_llama_quantize_reads_our_imatrix_file_as_we_do(files, fixture, quant, tmp_path):
