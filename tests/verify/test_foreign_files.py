@@ -25,3 +25,29 @@ def test_llama_cpps_converter_and_quantizer_pass(name, fixture_path, tmp_path):
     code, out, err = run_cli("verify", src, *files, "--tokens", TOKENS)
     assert code == 0, out + err
     assert out.count("pass") >= len(files)
+
+
+def test_llama_quantize_with_an_importance_matrix_passes(fixture_path, tmp_path):
+    """llama-quantize --imatrix (the tool itself: it records quantize.imatrix.* in the file, which
+    tells verify the encoder weighted the columns) of llama.cpp's own f16 file."""
+    import subprocess
+
+    from tests.requirements import require
+    from tests.test_imatrix import CALIBRATION
+
+    tools = require("llama.cpp tools")
+    src = fixture_path("tiny")
+    f16 = convert(src, tmp_path / "f16.gguf", "f16")
+    imatrix = tmp_path / "imatrix.gguf"
+    r = subprocess.run([str(tools / "llama-imatrix"), "-m", str(f16), "-f", str(CALIBRATION), "-c", "128", "-o",
+                        str(imatrix), "-t", "2", "--no-ppl"], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    files = []
+    for ftype in ("Q4_K_M", "Q3_K_M", "IQ4_XS", "IQ3_XXS", "IQ2_M", "Q5_K_S"):
+        out = tmp_path / f"{ftype}.gguf"
+        r = subprocess.run([str(tools / "llama-quantize"), "--imatrix", str(imatrix), str(f16), str(out), ftype, "2"],
+                           capture_output=True, text=True, timeout=900)
+        assert r.returncode == 0, r.stderr[-2000:]
+        files.append(out)
+    code, out, err = run_cli("verify", src, *files, "--tokens", TOKENS)
+    assert code == 0, out + err
