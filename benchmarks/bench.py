@@ -15,7 +15,11 @@ records its wall time and peak RSS (``os.wait4``'s ru_maxrss of that very child)
   to-llama       to-llama                                 (reference: copy)
   to-int4        to-int4 (skipped when the command does not exist)  (reference: copy)
   llama-quantize llama.cpp's llama_model_quantize of our f16 GGUF to Q4_K_M, all cores
-  verify         verify of the q4_K_M file on 32 tokens
+  verify         verify of the q4_K_M file: every tensor's weight check and 512 tokens of text
+  imatrix        imatrix on the calibration text (IMATRIX_CHUNKS chunks of 512)  (reference: llama-imatrix)
+  llama-imatrix  llama.cpp's llama-imatrix on our f16 GGUF, the same text, chunks and threads
+  to-gguf-q4_K_M-calibration  to-gguf --quant q4_K_M --calibration (one step)  (reference: llama.cpp's 3 steps)
+  llama.cpp-3-steps  convert_hf_to_gguf.py f16 + llama-imatrix + llama-quantize --imatrix Q4_K_M
 
 The copy runs first, so the checkpoint is in the page cache for every later run; caches are
 dropped first when allowed (root outside a container), otherwise the table says "warm cache".
@@ -45,7 +49,9 @@ SHAPES = {
     "tiny": (256, 2, 4, 4, 512, 1536, 3),  # vocab >= the test tokenizer's 1499 pieces
 }
 SEED = 2024
-VERIFY_TOKENS = 32
+VERIFY_CTX = 512  # verify scores one chunk of the bundled text (512 tokens with this vocabulary)
+IMATRIX_CHUNKS = 8
+CALIBRATION = ROOT / "tests" / "data" / "calibration.md"
 
 # name -> (description, reference name or None, target text)
 RUNS = {
@@ -56,7 +62,13 @@ RUNS = {
     "to-llama": ("to-llama (bf16)", "copy", "<= 1.5x copy"),
     "to-int4": ("to-int4", "copy", ""),
     "llama-quantize": ("llama.cpp llama_model_quantize f16 GGUF -> Q4_K_M, all cores", None, ""),
-    "verify": (f"verify q4_K_M GGUF, {VERIFY_TOKENS} tokens", None, "< 60 s, < 2 GB"),
+    "verify": (f"verify q4_K_M GGUF: weight check of every tensor, {VERIFY_CTX} tokens of text", None,
+               "< 120 s, < 2 GB"),
+    "imatrix": (f"imatrix, {IMATRIX_CHUNKS} chunks of 512 tokens", "llama-imatrix", "<= 1x llama-imatrix"),
+    "llama-imatrix": (f"llama.cpp llama-imatrix on our f16 GGUF, same tokens, 2 threads", None, ""),
+    "to-gguf-q4_K_M-calibration": ("to-gguf q4_K_M --calibration (imatrix + quantize in one step)",
+                                   "llama.cpp-3-steps", ""),
+    "llama.cpp-3-steps": ("llama.cpp: convert_hf_to_gguf f16 + llama-imatrix + llama-quantize --imatrix", None, ""),
 }
 ORDER = list(RUNS)
 
@@ -162,7 +174,26 @@ sys.exit(0 if rc == 0 else 1)
 """
 
 
-def run_all(ckpt: Path, work: Path, names: list[str], verify_tokens: int) -> list[Result]:
+def llama_tools() -> Path | None:
+    """llama-imatrix and llama-quantize, built by scripts/build_llama_cpp_tools.sh (cached)."""
+    r = subprocess.run(["bash", str(ROOT / "scripts" / "build_llama_cpp_tools.sh")], cwd=ROOT, capture_output=True,
+                       text=True)
+    return Path(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 and r.stdout.strip() else None
+
+
+def timed_steps(name: str, steps: list[list[str]], log: Path) -> Result:
+    """Several commands in a row: the sum of their times, the largest peak RSS."""
+    total, peak = 0.0, 0
+    for k, argv in enumerate(steps):
+        r = measure(name, argv, log.with_name(f"{log.stem}-{k}.log"))
+        if r.returncode != 0:
+            return Result(name, None, None, r.returncode, f"step {k + 1} failed, see {log.stem}-{k}.log")
+        total += r.seconds
+        peak = max(peak, r.peak_rss or 0)
+    return Result(name, total, peak, 0)
+
+
+def run_all(ckpt: Path, work: Path, names: list[str]) -> list[Result]:
     from gguf import LlamaFileType
 
     cli = [sys.executable, "-m", "minicpm_convert"]
@@ -187,7 +218,7 @@ def run_all(ckpt: Path, work: Path, names: list[str], verify_tokens: int) -> lis
             files = sorted(p for p in ckpt.iterdir() if p.is_file())
             r = measure(name, ["cp", *map(str, files), str(dst)], log)
             shutil.rmtree(dst, ignore_errors=True)
-        elif name.startswith("to-gguf-"):
+        elif name.startswith("to-gguf-") and not name.endswith("-calibration"):
             quant = name.removeprefix("to-gguf-")
             out = work / f"{quant}.gguf"
             r = measure(name, [*cli, "to-gguf", str(ckpt), str(out), "--quant", quant, "--quiet", "--force"], log)
@@ -219,12 +250,39 @@ def run_all(ckpt: Path, work: Path, names: list[str], verify_tokens: int) -> lis
             if not ensure(q4, "q4_K_M"):
                 results.append(Result(name, None, None, 1, "failed: could not make the q4_K_M GGUF input"))
                 continue
-            from minicpm_convert.spec import load_config
-            vocab = load_config(ckpt / "config.json")["vocab_size"]
-            ids = ",".join(str(1 + (i * 7919) % (vocab - 1)) for i in range(verify_tokens))
-            r = measure(name, [*cli, "verify", str(ckpt), str(q4), "--tokens", ids], log)
+            r = measure(name, [*cli, "verify", str(ckpt), str(q4), "--ctx", str(VERIFY_CTX)], log)
             if r.returncode == 1:
-                r.note = "ran; parity outside threshold"
+                r.note = "ran; the export failed verify"
+        elif name == "imatrix":
+            r = measure(name, [*cli, "imatrix", str(ckpt), "--text", str(CALIBRATION), "--ctx", "512", "--chunks",
+                               str(IMATRIX_CHUNKS), "-o", str(work / "imatrix.gguf"), "--force", "--quiet"], log)
+        elif name == "llama-imatrix":
+            tools = llama_tools()
+            if tools is None or not ensure(f16, "f16"):
+                results.append(Result(name, None, None, None, "skipped: llama-imatrix not built"))
+                continue
+            r = measure(name, [str(tools / "llama-imatrix"), "-m", str(f16), "-f", str(CALIBRATION), "-c", "512",
+                               "--chunks", str(IMATRIX_CHUNKS), "-t", "2", "--no-ppl", "-o",
+                               str(work / "llama-imatrix.gguf")], log)
+        elif name == "to-gguf-q4_K_M-calibration":
+            out = work / "q4_K_M-calibration.gguf"
+            r = measure(name, [*cli, "to-gguf", str(ckpt), str(out), "--quant", "q4_K_M", "--calibration",
+                               str(CALIBRATION), "--ctx", "512", "--chunks", str(IMATRIX_CHUNKS), "--quiet",
+                               "--force"], log)
+        elif name == "llama.cpp-3-steps":
+            tools = llama_tools()
+            if tools is None:
+                results.append(Result(name, None, None, None, "skipped: llama.cpp tools not built"))
+                continue
+            from tests.llama_cpp_source import vendor_dir
+            tree = vendor_dir()
+            conv, imx, out = work / "llama.cpp-f16.gguf", work / "llama.cpp-imatrix.gguf", work / "llama.cpp-q4.gguf"
+            env_py = ["env", f"PYTHONPATH={tree / 'gguf-py'}", sys.executable]
+            r = timed_steps(name, [
+                [*env_py, str(tree / "convert_hf_to_gguf.py"), str(ckpt), "--outfile", str(conv), "--outtype", "f16"],
+                [str(tools / "llama-imatrix"), "-m", str(conv), "-f", str(CALIBRATION), "-c", "512", "--chunks",
+                 str(IMATRIX_CHUNKS), "-t", "2", "--no-ppl", "-o", str(imx)],
+                [str(tools / "llama-quantize"), "--imatrix", str(imx), str(conv), str(out), "Q4_K_M", "2"]], log)
         else:
             raise ValueError(name)
         if r.returncode not in (0, None) and not r.note:
@@ -305,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
         stale.unlink()
     cache_note = "dropped before the runs, then warmed by the copy" if drop_caches() else \
         "warm cache (could not drop caches; the copy runs first and warms the checkpoint for every run)"
-    results = run_all(ckpt, work, names, VERIFY_TOKENS)
+    results = run_all(ckpt, work, names)
     if not args.keep:
         for p in work.glob("*.gguf"):
             p.unlink()
