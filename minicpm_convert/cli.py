@@ -252,19 +252,22 @@ def verify_cmd(
     result = api.verify(src, exports, text=text, prompt=prompt, tokens=parse_tokens(tokens), ctx=ctx, max_kl=max_kl,
                         json_path=json_out, force=force)
     table = Table(title=f"verify against {src} ({len(result.tokens)} tokens of text, ctx {ctx})")
-    for col in ("export", "kind", "worst tensor (error / bound)", "metadata", "PPL ratio", "KL mean", "KL p99",
-                "KL max", "same top-1", "RMS Δp", "result"):
-        table.add_column(col, justify="left" if col in ("export", "kind", "worst tensor (error / bound)") else "right",
-                         overflow="fold", no_wrap=col in ("export", "kind"))
+    for col in ("export", "kind", "weights", "metadata", "PPL ratio", "KL mean", "KL p99", "KL max", "same top-1",
+                "RMS Δp", "result"):
+        table.add_column(col, justify="left" if col in ("export", "kind") else "right", no_wrap=True)
     for r in result.reports:
         w, t = r.worst, r.text
         text_cells = ["-"] * 6 if t is None else [f"{t.ppl_ratio:.4f}", f"{t.kl_mean:.3g}", f"{t.kl_p99:.3g}",
                                                   f"{t.kl_max:.3g}", f"{t.top1:.1%}", f"{t.rms_dp:.3g}"]
-        table.add_row(Path(r.export).name, r.kind, f"{w.worst:.3g} {w.name}" if w else "-",
+        table.add_row(Path(r.export).name, r.kind, f"{w.worst:.3g} of bound" if w else "-",
                       "ok" if not r.metadata else f"{len(r.metadata)} wrong", *text_cells,
                       "[green]pass[/]" if r.passed else "[red]FAIL[/]")
     out_console.print(table)
     for r in result.reports:
+        if r.worst is not None and r.passed:
+            out_console.print(f"{Path(r.export).name}: {len(r.tensors)} tensors within their bounds; closest: "
+                              f"'{r.worst.name}' ({r.worst.storage}) at {r.worst.worst:.3g} of its bound",
+                              highlight=False, markup=False, soft_wrap=True)
         for reason in r.failures:
             out_console.print(f"FAIL {Path(r.export).name}: {reason}", highlight=False, markup=False, soft_wrap=True)
     if not result.passed:
