@@ -43,7 +43,7 @@ def inspect(path: str) -> Inspection:
     from .sources import is_gguf
 
     p = Path(path)
-    if p.is_file() and is_gguf(p):
+    if p.is_file() and (p.suffix == ".gguf" or is_gguf(p)):  # a damaged .gguf is still named as one
         return _inspect_gguf(p)
     from .sources.checkpoint import Checkpoint
     from .sources.int4 import Int4Source, is_int4_folder

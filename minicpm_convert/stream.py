@@ -18,8 +18,6 @@ from typing import Callable, Iterable, Iterator, TypeVar
 import torch
 
 from .sources.checkpoint import Checkpoint
-from .names import expert_parts, to_mixtral
-from .spec import ModelSpec
 
 # Rows per read are chosen so a chunk holds about this many float32 values (64 MB).
 CHUNK_VALUES = 16 * 1024 * 1024

@@ -8,7 +8,6 @@ import json
 import shutil
 
 import pytest
-import torch
 from gguf import GGUFReader
 
 from minicpm_convert import reference

@@ -66,24 +66,30 @@ def _llama_cpp_vs_reference(path, src, tokens):
 @pytest.mark.parametrize("quant", FLOATS)
 @pytest.mark.parametrize("name", FIXTURES)
 def test_llama_cpp_float_logits_match_reference(name, quant, arch, gguf_file, fixture_path):
+    """f32: lossless, only float32 summation order differs (measured <= 7e-7 of the largest logit);
+    f16: one f16 rounding of every weight, and ggml's f16 dot product rounds the activations to f16
+    too (measured <= 5.6e-4)."""
     src = Checkpoint(fixture_path(name))
     tokens = prompt_tokens(src, None, None)
     m = _llama_cpp_vs_reference(gguf_file(name, quant, arch), src, tokens)
-    assert m["rel_err"] < 2e-3, m
+    assert m["rel_err"] < (1e-5 if quant == "f32" else 2e-3), m
     assert m["top1"] == 1.0, m
 
 
+@pytest.mark.parametrize("arch", ["minicpm", "llama"])
 @pytest.mark.parametrize("quant", REQUANTIZED)
 @pytest.mark.parametrize("name", FIXTURES)
-def test_llama_cpp_quantized_logits_match_llama_cpps_own_conversion(name, quant, gguf_file, fixture_path, tmp_path):
+def test_llama_cpp_quantized_logits_match_llama_cpps_own_conversion(name, quant, arch, gguf_file, fixture_path,
+                                                                     tmp_path):
     """The bound for a quantized file is what llama.cpp itself gets on its own quantization of the
-    same weights (llama-quantize of the f32 file); ours must do as well, and agree on top-1."""
+    same weights (llama-quantize of the f32 file); ours must do as well, and agree on top-1. Both
+    architectures: the folded --arch llama files run in llama.cpp too."""
     src = Checkpoint(fixture_path(name))
     tokens = prompt_tokens(src, None, None)
     theirs = tmp_path / "theirs.gguf"
-    client.quantize(gguf_file(name, "f32"), theirs, int(FILE_TYPES[quant].ftype))
+    client.quantize(gguf_file(name, "f32", arch), theirs, int(FILE_TYPES[quant].ftype))
     ref = reference.forward(src, tokens)
-    ours_logits = client.logits(gguf_file(name, quant), tokens)
+    ours_logits = client.logits(gguf_file(name, quant, arch), tokens)
     ours, bound = compare(ref, ours_logits), compare(ref, client.logits(theirs, tokens))
     assert ours["rel_err"] <= bound["rel_err"] * 1.0001 + 1e-6, (ours, bound)
     assert ours["kl"] <= bound["kl"] * 1.0001 + 1e-9, (ours, bound)
@@ -133,42 +139,3 @@ def test_llama_cpp_keeps_user_defined_tokens_whole(text, gguf_file, fixture_path
     got = client.tokenize(gguf_file("tiny", "q8_0"), text)
     assert got == want
     assert sum(t in tags.values() for t in got) == 2
-
-
-def test_metadata(gguf_file, fixture_path):
-    r = GGUFReader(gguf_file("tiny", "q4_K_M"))
-    kv = {k: f.contents() for k, f in r.fields.items()}
-    spec = Checkpoint(fixture_path("tiny")).spec
-    assert kv["general.architecture"] == "minicpm"
-    assert kv["general.file_type"] == 15 and kv["general.quantization_version"] == 2
-    assert kv["minicpm.embedding_scale"] == pytest.approx(spec.scale_emb)
-    assert kv["minicpm.residual_scale"] == pytest.approx(spec.residual_scale)
-    assert kv["minicpm.logit_scale"] == pytest.approx(spec.logit_scale)
-    assert "output.weight" not in {t.name for t in r.tensors}  # tied
-    assert len(kv["tokenizer.ggml.tokens"]) == spec.vocab_size
-    assert "<用户>" in kv["tokenizer.chat_template"]
-    llama = {k: f.contents() for k, f in GGUFReader(gguf_file("tiny", "q4_K_M", "llama")).fields.items()}
-    assert llama["general.architecture"] == "llama" and "llama.logit_scale" not in llama
-
-
-def test_untied_vocab_is_padded(gguf_file, fixture_path):
-    r = GGUFReader(gguf_file("untied", "f16"))
-    tokens = r.fields["tokenizer.ggml.tokens"].contents()
-    spec = Checkpoint(fixture_path("untied")).spec
-    assert len(tokens) == spec.vocab_size and tokens[-1].startswith("[PAD")
-
-
-def test_direct_float_casts_equal_the_float32_path():
-    """Float files copy or cast stored rows directly; that must give the float32 path's bytes for
-    every finite bf16 value and across the f32 range (subnormal to overflow)."""
-    import torch
-    from gguf import GGMLQuantizationType as T
-
-    from minicpm_convert.formats.gguf.writer import encode
-
-    bf16 = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
-    bf16 = bf16[torch.isfinite(bf16.float())]
-    bf16 = bf16[: bf16.numel() // 32 * 32].reshape(-1, 32)
-    assert np.array_equal(bf16.to(torch.float16).view(torch.int16).numpy(), encode(bf16.float(), T.F16).view(np.int16))
-    f32 = torch.randn(4096, 256, generator=torch.Generator().manual_seed(0)) * torch.logspace(-9, 5, 256)
-    assert np.array_equal(f32.to(torch.float16).view(torch.int16).numpy(), encode(f32, T.F16).view(np.int16))

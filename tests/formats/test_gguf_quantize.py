@@ -11,8 +11,6 @@ built (scripts/build_llama_cpp_tools.sh), it also reads the very file, as users 
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 from pathlib import Path
 

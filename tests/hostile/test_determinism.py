@@ -29,7 +29,8 @@ def digests(path: Path) -> dict[str, str]:
 
 def convert(command: list[str], src: Path, out: Path, threads: int) -> dict[str, str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(threads),
-           "MKL_NUM_THREADS": str(threads), "OPENBLAS_NUM_THREADS": str(threads)}
+           "MKL_NUM_THREADS": str(threads), "OPENBLAS_NUM_THREADS": str(threads),
+           "MINICPM_CONVERT_THREADS": str(threads)}  # our own chunk pool as well as torch's
     r = subprocess.run([sys.executable, "-m", "minicpm_convert", command[0], str(src), str(out), *command[1:], "-q"],
                        capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr
@@ -42,4 +43,5 @@ def test_byte_identical_across_runs_and_thread_counts(export, fixture_path, tmp_
     src = fixture_path("gqa")
     one = convert(command, src, tmp_path / "t1" / name, threads=1)
     two = convert(command, src, tmp_path / "t2" / name, threads=2)
-    assert one and one == two
+    five = convert(command, src, tmp_path / "t5" / name, threads=5)  # more threads than cores
+    assert one and one == two == five

@@ -10,7 +10,6 @@ a broken layout produces, must not.
 
 from __future__ import annotations
 
-import ctypes
 
 import numpy as np
 import pytest

@@ -171,7 +171,6 @@ def write_gguf(ckpt: Checkpoint, out: Path, ft: FileType, arch: str | None, sour
     `imatrix`: an ImportanceMatrix (formats.gguf.imatrix) or None.
     `threads`: worker threads (default: every CPU, see stream.worker_threads); the file's bytes
     are the same for any count."""
-    spec = ckpt.spec
     arch = file_arch(ckpt, arch)
     jobs = gguf_jobs(ckpt, arch)
     chosen = make_plan(model_facts(ckpt, arch, jobs), options or Options(ft, imatrix=imatrix is not None))
