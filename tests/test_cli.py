@@ -39,7 +39,10 @@ def test_convert_then_verify_passes_with_json(tmp_path, fixture_path):
     for e in kinds.values():
         assert e["passed"] and e["failures"] == [] and e["worst_tensor"]["worst_over_bound"] <= 1
         assert len(e["tensors"]) >= 2 * 9 + 2  # every tensor was checked
-    assert kinds["llama-float16"]["text"]["top1"] == 1.0 and kinds["llama-float16"]["text"]["kl_max"] < 1e-4
+    # A float16 export rounds each folded weight once: the distributions stay equal to ~1e-6 (KL), and
+    # only a position whose two best tokens are that close can swap them (1 of 510 on this text).
+    text = kinds["llama-float16"]["text"]
+    assert text["kl_max"] < 1e-4 and text["top1"] >= 0.99
     assert 0 < kinds["gguf-q4_K_M"]["text"]["kl_mean"] < 1
 
 
