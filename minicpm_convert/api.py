@@ -42,6 +42,7 @@ class GgufExport(Export):
     arch: str = ""
     file_type: str = ""
     tensor_types: dict[str, str] = field(default_factory=dict)  # GGUF tensor name -> GGML type name
+    files: list[Path] = field(default_factory=list)  # every file written (a split set's, first first)
 
 
 @dataclass
@@ -163,35 +164,55 @@ def _gguf_options(quant: str, imatrix, output_tensor_type, token_embedding_type,
     return options, (imatrix_file.read(Path(imatrix)) if imatrix is not None and read else None)
 
 
+def _split(split_max_size: str | int | None, split_max_tensors: int):
+    from .formats.gguf.split import Split
+    if split_max_tensors < 0:
+        raise ConvertError(f"--split-max-tensors: must be positive, got {split_max_tensors}")
+    size = parse_size(split_max_size, "--split-max-size") if split_max_size is not None else 0
+    return Split(split_max_tensors, size)
+
+
 def gguf_plan(src: PathLike, *, quant: str = "q4_K_M", arch: str | None = None, imatrix: PathLike | None = None,
               output_tensor_type: str | None = None, token_embedding_type: str | None = None,
-              tensor_types: Sequence[str] = (), pure: bool = False, leave_output_tensor: bool = False) -> dict:
+              tensor_types: Sequence[str] = (), pure: bool = False, leave_output_tensor: bool = False,
+              model_name: str | None = None, metadata: PathLike | None = None,
+              split_max_size: str | int | None = None, split_max_tensors: int = 0) -> dict:
     """What `to_gguf` would write (llama-quantize's --dry-run): the type of every tensor, which
-    fell back and why, bits per weight and the exact file size. Nothing is written."""
-    from .formats.gguf.writer import dry_run
+    fell back and why, bits per weight and the exact file size (each file's, when split).
+    Nothing is written."""
+    from .formats.gguf.writer import dry_run, file_arch, source_metadata
 
     options, importance = _gguf_options(quant, imatrix, output_tensor_type, token_embedding_type, tensor_types,
                                         pure, leave_output_tensor)
+    split = _split(split_max_size, split_max_tensors)
     ckpt = _open(src)
     from .families import check
     check(ckpt.spec, "to-gguf --arch llama" if arch == "llama" else "to-gguf", ckpt.folder)
-    return dry_run(ckpt, arch, str(src), options, importance)
+    general = source_metadata(ckpt, file_arch(ckpt, arch), str(src), model_name=model_name,
+                              override_path=Path(metadata) if metadata is not None else None)
+    return dry_run(ckpt, arch, str(src), options, importance, general=general, split=split)
 
 
 def to_gguf(src: PathLike, out: PathLike, *, quant: str = "q4_K_M", arch: str | None = None, force: bool = False,
             quiet: bool = True, notes: Notes = None, imatrix: PathLike | None = None,
             calibration: PathLike | None = None, ctx: int = 512, chunks: int | None = None,
             output_tensor_type: str | None = None, token_embedding_type: str | None = None,
-            tensor_types: Sequence[str] = (), pure: bool = False, leave_output_tensor: bool = False) -> GgufExport:
+            tensor_types: Sequence[str] = (), pure: bool = False, leave_output_tensor: bool = False,
+            model_name: str | None = None, metadata: PathLike | None = None,
+            split_max_size: str | int | None = None, split_max_tensors: int = 0) -> GgufExport:
     """Write a GGUF file (OUT, or a file named as llama.cpp's converter would inside the folder OUT).
 
     `arch`: 'minicpm' (scales as metadata), 'llama' (folded) or None for the family's own.
     `quant`: any llama-quantize file type; `imatrix`: an importance matrix file (llama-imatrix's GGUF
     or legacy .dat); `calibration`: a text to compute one from first, in one step (`ctx`, `chunks`
-    as `imatrix`); the per-tensor options are llama-quantize's."""
-    from .formats.gguf.metadata import default_file_name, model_metadata
-    from .formats.gguf.writer import file_arch, gguf_jobs, write_gguf
-    from .output import Protected, atomic_file, file_output
+    as `imatrix`); the per-tensor options are llama-quantize's.
+    `model_name`, `metadata` (a JSON file of general.* keys), `split_max_size` ('2G'),
+    `split_max_tensors`: as llama.cpp's converter's --model-name, --metadata, --split-max-size and
+    --split-max-tensors. A split set's path is its first file."""
+    from .formats.gguf.metadata import default_file_name
+    from .formats.gguf.split import other_sets, split_names, written_by_us
+    from .formats.gguf.writer import file_arch, file_count, source_metadata, write_gguf
+    from .output import Protected, atomic_files, file_set, output_path
 
     if arch not in (None, "minicpm", "llama"):
         raise ConvertError(f"--arch: unknown architecture {arch!r} (minicpm, llama)")
@@ -199,25 +220,32 @@ def to_gguf(src: PathLike, out: PathLike, *, quant: str = "q4_K_M", arch: str | 
         raise ConvertError("give --imatrix or --calibration, not both")
     options, importance = _gguf_options(quant, imatrix or calibration, output_tensor_type, token_embedding_type,
                                         tensor_types, pure, leave_output_tensor, read=imatrix is not None)
+    split = _split(split_max_size, split_max_tensors)
     ft = options.file_type
     ckpt = _open(src)
     written_arch = file_arch(ckpt, arch)
+    override = Path(metadata) if metadata is not None else None
+    general = source_metadata(ckpt, written_arch, str(src), model_name=model_name, override_path=override)
 
-    def default_name() -> str:
-        jobs = gguf_jobs(ckpt, written_arch)
-        return default_file_name(model_metadata(ckpt.folder, [(n, j.shape) for n, j in jobs]), ft)
-
-    inputs = [Path(p) for p in (imatrix, calibration) if p is not None]
-    final = file_output(out, default_name, force, Protected.of([ckpt.folder], inputs))
+    inputs = [Path(p) for p in (imatrix, calibration, metadata) if p is not None]
+    protected = Protected.of([ckpt.folder], inputs)
+    base = output_path(out, lambda: default_file_name(general, ft))
+    count = file_count(ckpt, written_arch, options, split) if split else 1
+    split_ours = written_by_us if count > 1 else None  # a set's files: only ours are replaced
+    target = file_set([(p, split_ours) for p in split_names(base, count)], force, protected,
+                      stale=[p for p in other_sets(base, count) if written_by_us(p)] if count > 1 else [])
+    final = target.files[0]
     found = _checked(ckpt, "to-gguf --arch llama" if arch == "llama" else "to-gguf", final, notes)
     if calibration is not None:  # one step: the importance matrix stays in memory
         from .importance import compute_from_text
         importance = compute_from_text(ckpt, Path(calibration), ctx=ctx, chunks=chunks, quiet=quiet)
         importance.path = Path(calibration).name
-    with atomic_file(final) as tmp:
-        plan = write_gguf(ckpt, tmp, ft, arch, str(src), quiet=quiet, options=options, imatrix=importance)
-    return GgufExport(final, f"GGUF arch {written_arch}, {ft.name}", found, arch=written_arch, file_type=ft.name,
-                      tensor_types={name: t.name for name, t in plan.items()})
+    with atomic_files(target) as tmp:
+        plan = write_gguf(ckpt, tmp / base.name, ft, arch, str(src), quiet=quiet, options=options,
+                          imatrix=importance, general=general, split=split)
+    kind = f"GGUF arch {written_arch}, {ft.name}" + (f", {count} files" if count > 1 else "")
+    return GgufExport(final, kind, found, arch=written_arch, file_type=ft.name,
+                      tensor_types={name: t.name for name, t in plan.items()}, files=list(target.files))
 
 
 def to_int4(src: PathLike, out: PathLike, *, format: str = "gptq", group_size: int = 128, sym: bool = True,

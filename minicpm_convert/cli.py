@@ -88,6 +88,8 @@ SRC_HELP = "MiniCPM checkpoint: a local folder or a Hugging Face repo id (e.g. o
 FORCE_FOLDER_HELP = ("Replace OUT if it is an earlier export of minicpm-convert (never the source or a folder of "
                      "other files; files you added to it are kept).")
 FORCE_FILE_HELP = "Overwrite OUT if it is a file (never one of the inputs or a file inside the source)."
+FORCE_GGUF_HELP = ("Overwrite OUT if it is a file (never one of the inputs or a file inside the source); split files "
+                   "only when minicpm-convert wrote them, and an earlier split set of ours under the same name goes.")
 QUIET_HELP = "No progress bar and no report table."
 
 
@@ -149,9 +151,19 @@ def to_gguf(
                                           "(repeatable; the first match wins), e.g. attn_v=q8_0."),
     pure: bool = typer.Option(False, "--pure", help="Every quantized tensor in the file type's default type."),
     leave_output_tensor: bool = typer.Option(False, "--leave-output-tensor", help="Leave output.weight unquantized (F32)."),
+    model_name: Optional[str] = typer.Option(None, "--model-name", help="general.name (default: as llama.cpp's "
+                                             "converter derives it from the model card, config and folder name)."),
+    metadata: Optional[Path] = typer.Option(None, "--metadata", help="A JSON file of general.* keys overriding "
+                                            "what the model card gives, as llama.cpp's converter's --metadata, e.g. "
+                                            '{"general.quantized_by": "you"}.'),
+    split_max_size: Optional[str] = typer.Option(None, "--split-max-size", help="Split the GGUF into files of at most "
+                                                 "this much tensor data (e.g. 2G, 500M), named NAME-00001-of-0000N.gguf "
+                                                 "as llama.cpp's converter and gguf-split name them."),
+    split_max_tensors: int = typer.Option(0, "--split-max-tensors", help="Split the GGUF into files of at most this "
+                                          "many tensors."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the type plan (per tensor, fallbacks, bits per "
                                  "weight, file size) and write nothing."),
-    force: bool = typer.Option(False, "--force", help=FORCE_FILE_HELP),
+    force: bool = typer.Option(False, "--force", help=FORCE_GGUF_HELP),
     quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
 ):
     """Write a GGUF file for llama.cpp (and ollama, LM Studio, llama-cpp-python).
@@ -162,7 +174,8 @@ def to_gguf(
     from . import api
 
     plan = dict(imatrix=imatrix, output_tensor_type=output_tensor_type, token_embedding_type=token_embedding_type,
-                tensor_types=tensor_type, pure=pure, leave_output_tensor=leave_output_tensor)
+                tensor_types=tensor_type, pure=pure, leave_output_tensor=leave_output_tensor, model_name=model_name,
+                metadata=metadata, split_max_size=split_max_size, split_max_tensors=split_max_tensors)
     if dry_run:
         from .formats.gguf.plan import format_report
         report = api.gguf_plan(src, quant=quant, arch=arch.value if arch else None, **plan)

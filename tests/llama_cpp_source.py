@@ -32,8 +32,9 @@ def vendor_dir() -> Path:
     return tree
 
 
-def convert(model_dir: Path, out: Path, outtype: str) -> Path:
-    """llama.cpp's `convert_hf_to_gguf.py MODEL --outfile OUT --outtype TYPE` (f32, f16, bf16, q8_0)."""
+def convert(model_dir: Path, out: Path, outtype: str, *options: str) -> Path:
+    """llama.cpp's `convert_hf_to_gguf.py MODEL --outfile OUT --outtype TYPE [OPTIONS]` (f32, f16,
+    bf16, q8_0; options such as --metadata FILE, --split-max-tensors N, --vocab-only)."""
     import pytest
 
     try:
@@ -44,6 +45,6 @@ def convert(model_dir: Path, out: Path, outtype: str) -> Path:
         pytest.skip(f"llama.cpp's converter is missing ({exc})")
     env = {**os.environ, "PYTHONPATH": str(tree / "gguf-py"), "NO_LOCAL_GGUF": ""}
     r = subprocess.run([sys.executable, str(tree / "convert_hf_to_gguf.py"), str(model_dir), "--outfile", str(out),
-                        "--outtype", outtype], capture_output=True, text=True, env=env)
+                        "--outtype", outtype, *options], capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     return out
