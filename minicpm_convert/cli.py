@@ -161,6 +161,8 @@ def to_gguf(
                                                  "as llama.cpp's converter and gguf-split name them."),
     split_max_tensors: int = typer.Option(0, "--split-max-tensors", help="Split the GGUF into files of at most this "
                                           "many tensors."),
+    card: bool = typer.Option(False, "--card", help="Also write a model card (README.md with Hugging Face front "
+                              "matter) beside the GGUF, for huggingface-cli upload."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the type plan (per tensor, fallbacks, bits per "
                                  "weight, file size) and write nothing."),
     force: bool = typer.Option(False, "--force", help=FORCE_GGUF_HELP),
@@ -182,7 +184,7 @@ def to_gguf(
         out_console.print(format_report(report), highlight=False, markup=False, soft_wrap=True)
         return
     done = api.to_gguf(src, out, quant=quant, arch=arch.value if arch else None, force=force, quiet=quiet,
-                       notes=note, calibration=calibration, ctx=ctx, chunks=chunks, **plan)
+                       notes=note, calibration=calibration, ctx=ctx, chunks=chunks, card=card, **plan)
     say(f"wrote {done.path} ({done.kind})")
 
 
@@ -254,6 +256,8 @@ def verify_cmd(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write every figure to this JSON file "
                                             "(a folder: verify.json inside it)."),
     force: bool = typer.Option(False, "--force", help="Overwrite the --json file if it exists."),
+    card: bool = typer.Option(False, "--card", help="Write each export's figures into its model card (the README.md "
+                              "minicpm-convert wrote into an export folder or beside a GGUF with --card)."),
 ):
     """Prove each export of SRC: every tensor within its storage type's error bound, the metadata
     equal to the source config, and the logits on real text compared (perplexity, KL divergence).
@@ -263,7 +267,7 @@ def verify_cmd(
     from . import api
 
     result = api.verify(src, exports, text=text, prompt=prompt, tokens=parse_tokens(tokens), ctx=ctx, max_kl=max_kl,
-                        json_path=json_out, force=force)
+                        json_path=json_out, force=force, card=card)
     table = Table(title=f"verify against {src} ({len(result.tokens)} tokens of text, ctx {ctx})")
     for col in ("export", "kind", "weights", "metadata", "PPL ratio", "KL mean", "KL p99", "KL max", "same top-1",
                 "RMS Δp", "result"):
@@ -283,6 +287,10 @@ def verify_cmd(
                               highlight=False, markup=False, soft_wrap=True)
         for reason in r.failures:
             out_console.print(f"FAIL {Path(r.export).name}: {reason}", highlight=False, markup=False, soft_wrap=True)
+    for path in result.cards:
+        say(f"wrote the figures into {path}")
+    for export in result.uncarded:
+        say(f"note: {export}: no model card minicpm-convert wrote; --card left it alone")
     if not result.passed:
         raise typer.Exit(1)
 

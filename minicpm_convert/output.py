@@ -152,6 +152,11 @@ class FolderTarget:
     old_files: frozenset[str] = frozenset()  # names listed in the old export's manifest
     replaces: bool = False
 
+    def keeps(self, name: str) -> bool:
+        """Whether the folder holds a file `name` a user added to an earlier export: it is kept, so
+        the new export must not bring one of its own."""
+        return self.replaces and name not in self.old_files and (self.path / name).exists()
+
 
 def read_manifest(folder: Path) -> list[str] | None:
     """The files an export of ours lists as its own, or None if `folder` holds no manifest of ours."""
