@@ -216,6 +216,25 @@ def gguf_plan(src: PathLike, *, quant: str = "q4_K_M", arch: str | None = None, 
     return dry_run(ckpt, arch, str(src), options, importance, general=general, split=split)
 
 
+def _gguf_target(ckpt, out: PathLike, general, options, arch: str, split, card: bool, force: bool, protected):
+    """(OUT's GGUF path, the files to-gguf writes): the GGUF or its split set (llama.cpp's names),
+    and the card beside it, checked against what they would replace (output.py): a split file or
+    a card only when minicpm-convert wrote it; an earlier split set of ours goes with them."""
+    from .card import CARD, written_by_us as our_card
+    from .formats.gguf.metadata import default_file_name
+    from .formats.gguf.split import other_sets, split_names, written_by_us
+    from .formats.gguf.writer import file_count
+    from .output import file_set, output_path
+
+    base = output_path(out, lambda: default_file_name(general, options.file_type))
+    count = file_count(ckpt, arch, options, split) if split else 1
+    files = [(p, written_by_us if count > 1 else None) for p in split_names(base, count)]
+    if card:
+        files.append((base.parent / CARD, our_card))
+    stale = [p for p in other_sets(base, count) if written_by_us(p)] if count > 1 else []
+    return base, file_set(files, force, protected, stale=stale)
+
+
 def to_gguf(src: PathLike, out: PathLike, *, quant: str = "q4_K_M", arch: str | None = None, force: bool = False,
             quiet: bool = True, notes: Notes = None, imatrix: PathLike | None = None,
             calibration: PathLike | None = None, ctx: int = 512, chunks: int | None = None,
@@ -233,12 +252,8 @@ def to_gguf(src: PathLike, out: PathLike, *, quant: str = "q4_K_M", arch: str | 
     `split_max_tensors`: as llama.cpp's converter's --model-name, --metadata, --split-max-size and
     --split-max-tensors. A split set's path is its first file. `card`: also write a model card
     (README.md) for the file beside it."""
-    from . import card as model_card
-    from .formats.gguf.metadata import default_file_name
-    from .formats.gguf.split import other_sets, split_names, written_by_us
-    from .sources.checkpoint import hub_repo_id
-    from .formats.gguf.writer import file_arch, file_count, source_metadata, write_gguf
-    from .output import Protected, atomic_files, file_set, output_path
+    from .formats.gguf.writer import file_arch, source_metadata, write_gguf
+    from .output import Protected, atomic_files
 
     if arch not in (None, "minicpm", "llama"):
         raise ConvertError(f"--arch: unknown architecture {arch!r} (minicpm, llama)")
@@ -252,17 +267,9 @@ def to_gguf(src: PathLike, out: PathLike, *, quant: str = "q4_K_M", arch: str | 
     written_arch = file_arch(ckpt, arch)
     override = Path(metadata) if metadata is not None else None
     general = source_metadata(ckpt, written_arch, str(src), model_name=model_name, override_path=override)
-
     inputs = [Path(p) for p in (imatrix, calibration, metadata) if p is not None]
-    protected = Protected.of([ckpt.folder], inputs)
-    base = output_path(out, lambda: default_file_name(general, ft))
-    count = file_count(ckpt, written_arch, options, split) if split else 1
-    split_ours = written_by_us if count > 1 else None  # a set's files: only ours are replaced
-    files = [(p, split_ours) for p in split_names(base, count)]
-    if card:
-        files.append((base.parent / model_card.CARD, model_card.written_by_us))  # only a card of ours is replaced
-    target = file_set(files, force, protected,
-                      stale=[p for p in other_sets(base, count) if written_by_us(p)] if count > 1 else [])
+    base, target = _gguf_target(ckpt, out, general, options, written_arch, split, card, force,
+                                Protected.of([ckpt.folder], inputs))
     final = target.files[0]
     found = _checked(ckpt, "to-gguf --arch llama" if arch == "llama" else "to-gguf", final, notes)
     if calibration is not None:  # one step: the importance matrix stays in memory
@@ -273,11 +280,14 @@ def to_gguf(src: PathLike, out: PathLike, *, quant: str = "q4_K_M", arch: str | 
         plan = write_gguf(ckpt, tmp / base.name, ft, arch, str(src), quiet=quiet, options=options,
                           imatrix=importance, general=general, split=split)
         if card:
-            written = [tmp / p.name for p in target.files if p.name != model_card.CARD]
-            text = model_card.gguf_card(ckpt, source_name(src), hub_repo_id(src, ckpt.folder), written_arch, ft.name,
-                                        written, _parameters(ckpt), Path(str(importance.path)).name if importance else None,
-                                        general.meta.quantized_by, found).render()
-            (tmp / model_card.CARD).write_text(text, encoding="utf-8")
+            from .card import CARD, gguf_card
+            from .sources.checkpoint import hub_repo_id
+            written = [tmp / p.name for p in target.files if p.name != CARD]
+            imatrix_name = Path(str(importance.path)).name if importance is not None else None
+            (tmp / CARD).write_text(gguf_card(ckpt, source_name(src), hub_repo_id(src, ckpt.folder), written_arch,
+                                              ft.name, written, _parameters(ckpt), imatrix_name,
+                                              general.meta.quantized_by, found).render(), encoding="utf-8")
+    count = len(target.files) - (1 if card else 0)
     kind = f"GGUF arch {written_arch}, {ft.name}" + (f", {count} files" if count > 1 else "")
     return GgufExport(final, kind, found, arch=written_arch, file_type=ft.name,
                       tensor_types={name: t.name for name, t in plan.items()}, files=list(target.files))

@@ -89,7 +89,8 @@ FORCE_FOLDER_HELP = ("Replace OUT if it is an earlier export of minicpm-convert 
                      "other files; files you added to it are kept).")
 FORCE_FILE_HELP = "Overwrite OUT if it is a file (never one of the inputs or a file inside the source)."
 FORCE_GGUF_HELP = ("Overwrite OUT if it is a file (never one of the inputs or a file inside the source); split files "
-                   "only when minicpm-convert wrote them, and an earlier split set of ours under the same name goes.")
+                   "and a model card only when minicpm-convert wrote them, and an earlier split set of ours under the "
+                   "same name goes.")
 QUIET_HELP = "No progress bar and no report table."
 
 
@@ -112,7 +113,8 @@ def to_llama(
     """Fold the muP scale factors into the weights and write a Llama-format checkpoint.
 
     The result loads in transformers (LlamaForCausalLM), vLLM and any Llama tooling without
-    remote code, and gives the same logits as the MiniCPM original.
+    remote code, and gives the same logits as the MiniCPM original. Its README.md is a model
+    card for the Hugging Face Hub.
     """
     from . import api
     done = api.to_llama(src, out, dtype=dtype.value, shard_size=shard_size, force=force, quiet=quiet, notes=note)
@@ -157,10 +159,11 @@ def to_gguf(
                                             "what the model card gives, as llama.cpp's converter's --metadata, e.g. "
                                             '{"general.quantized_by": "you"}.'),
     split_max_size: Optional[str] = typer.Option(None, "--split-max-size", help="Split the GGUF into files of at most "
-                                                 "this much tensor data (e.g. 2G, 500M), named NAME-00001-of-0000N.gguf "
-                                                 "as llama.cpp's converter and gguf-split name them."),
+                                                 "this much tensor data (e.g. 2G, 500M), named "
+                                                 "NAME-00001-of-0000N.gguf as llama.cpp's converter and gguf-split "
+                                                 "name them."),
     split_max_tensors: int = typer.Option(0, "--split-max-tensors", help="Split the GGUF into files of at most this "
-                                          "many tensors."),
+                                          "many tensors (0: no limit)."),
     card: bool = typer.Option(False, "--card", help="Also write a model card (README.md with Hugging Face front "
                               "matter) beside the GGUF, for huggingface-cli upload."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the type plan (per tensor, fallbacks, bits per "
@@ -210,7 +213,8 @@ def to_int4(
     """Write a 4-bit group-quantized Llama-format checkpoint (no calibration data needed).
 
     The seven projections of every block are quantized; embeddings, norms and lm_head stay
-    float16. Prints the relative weight error per layer type and writes quantization_report.json.
+    float16. Prints the relative weight error per layer type and writes quantization_report.json;
+    its README.md is a model card for the Hugging Face Hub.
     """
     from . import api
     from .formats.hf.int4_writer import REPORT_FILE

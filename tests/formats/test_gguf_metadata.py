@@ -124,7 +124,8 @@ def test_model_card_sampling_and_override_give_llama_cpps_keys(carded, tmp_path)
     assert ours["general.base_model.count"] == 2
     assert ours["general.base_model.1.repo_url"] == "https://huggingface.co/openbmb/MiniCPM-2B-dpo-bf16"
     assert ours["general.dataset.0.repo_url"] == "https://huggingface.co/HuggingFaceFW/fineweb"
-    assert (ours["general.basename"], ours["general.finetune"], ours["general.version"]) == ("MiniCPM", "2b-sft", "v1.5")
+    name = (ours["general.basename"], ours["general.finetune"], ours["general.version"])
+    assert name == ("MiniCPM", "2b-sft", "v1.5")
     assert ours["general.sampling.top_k"] == 20  # the override file wins over generation_config.json
     assert ours["general.sampling.temp"] == pytest.approx(0.7)
     assert ours["general.sampling.penalty_repeat"] == pytest.approx(1.02)  # from repetition_penalty
