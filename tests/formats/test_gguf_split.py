@@ -14,6 +14,7 @@ import pytest
 import torch
 from gguf import GGUFReader
 
+from minicpm_convert.api import gguf_plan
 from minicpm_convert.inspect import inspect
 from tests.conftest import run_cli
 from tests.requirements import require
@@ -82,6 +83,8 @@ def test_split_by_size_follows_the_converters_rule_and_merges_back(unsplit, fixt
         assert sum(tensors) <= limit or len(tensors) == 1
         if k + 1 < len(sizes):
             assert sum(tensors) + sizes[k + 1][0] > limit
+    plan = gguf_plan(fixture_path("tiny"), quant="q4_K_M", split_max_size="400K")  # --dry-run: each file's size
+    assert [f["bytes"] for f in plan["files"]] == [f.stat().st_size for f in files]
     merged = tmp_path / "merged.gguf"
     r = subprocess.run([str(tools / "llama-gguf-split"), "--merge", str(files[0]), str(merged)],
                        capture_output=True, text=True, timeout=300)
