@@ -232,7 +232,7 @@ def _gguf_target(ckpt, out: PathLike, general, options, arch: str, split, card: 
     if card:
         files.append((base.parent / CARD, our_card))
     stale = [p for p in other_sets(base, count) if written_by_us(p)] if count > 1 else []
-    return base, file_set(files, force, protected, stale=stale)
+    return base, file_set(files, force, protected, stale=stale, name=base)
 
 
 def to_gguf(src: PathLike, out: PathLike, *, quant: str = "q4_K_M", arch: str | None = None, force: bool = False,

@@ -128,20 +128,22 @@ class FileSet:
 
     files: tuple[Path, ...]
     stale: tuple[Path, ...] = ()  # an earlier set of ours the new one supersedes: removed with the swap
+    name: Path | None = None  # what the temporaries are named after (default: the first file)
 
 
 def file_set(files: Iterable[tuple[Path, Callable[[Path], bool] | None]], force: bool, protected: Protected,
-             stale: Iterable[Path] = ()) -> FileSet:
+             stale: Iterable[Path] = (), name: Path | None = None) -> FileSet:
     """The files (final path, and `ours` when --force may replace only a file minicpm-convert
     wrote there, None for any file) checked as `file_output` checks one; `stale`: files of an
-    earlier set of ours that the new one makes obsolete (removed once it is in place)."""
+    earlier set of ours that the new one makes obsolete (removed once it is in place); `name`:
+    the output's name whatever the set (a split GGUF's unsplit name), for its temporaries."""
     files = list(files)
     for path, ours in files:
         _check_replace(path, force, protected, ours)
     stale = [p for p in stale if not protected.owner(p)]
     if stale and not force:
         raise ConvertError(f"{stale[0]}: an earlier export under this name (use --force to replace it)")
-    return FileSet(tuple(p for p, _ in files), tuple(stale))
+    return FileSet(tuple(p for p, _ in files), tuple(stale), name)
 
 
 @dataclass(frozen=True)
@@ -314,9 +316,10 @@ def atomic_files(target: FileSet) -> Iterator[Path]:
     the first one last; then what was moved aside is deleted. A failure in between puts
     everything back; a crash leaves the old files in `.NAME.old-PID`, never deleted automatically."""
     first = target.files[0]
-    with _writing(first, folder=True) as tmp:
+    name = target.name or first
+    with _writing(name, folder=True) as tmp:
         yield tmp
-        old = first.parent / f".{first.name}.old-{os.getpid()}"
+        old = name.parent / f".{name.name}.old-{os.getpid()}"
         aside = [p for p in (*target.files, *target.stale) if p.exists() or p.is_symlink()]
         placed: list[Path] = []
         try:

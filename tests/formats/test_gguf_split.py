@@ -196,3 +196,15 @@ def test_split_options_are_checked(fixture_path, tmp_path):
     assert run_cli("to-gguf", src, tmp_path / "m.gguf", "--quant", "q8_0", "--split-max-size", "2G", "-q")[0] == 0
     assert set_of(tmp_path) == ["m.gguf"]
     assert not [k for k in GGUFReader(tmp_path / "m.gguf").fields if k.startswith("split.")]
+
+
+def test_a_killed_runs_temporary_goes_whatever_the_file_count(fixture_path, tmp_path):
+    """A run killed while writing a set leaves `.m.gguf.partial-PID` (named after the output, not the
+    count); the next run for that output removes it, split or not."""
+    dead = tmp_path / ".m.gguf.partial-999999999"
+    dead.mkdir()
+    (dead / "m-00001-of-00004.gguf").write_bytes(b"GGUF")
+    code, _, err = run_cli("to-gguf", fixture_path("tiny"), tmp_path / "m.gguf", "--quant", "q8_0",
+                           "--split-max-tensors", "20", "-q")
+    assert code == 0, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m-00001-of-00002.gguf", "m-00002-of-00002.gguf"]
