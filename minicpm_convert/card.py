@@ -109,7 +109,8 @@ def hub_link(repo_id: str | None, name: str) -> str:
 
 
 def source_tags(spec) -> list[str]:
-    return ["minicpm", "minicpm-convert"] + (["moe"] if spec.num_experts else [])
+    from .families import family_of
+    return ["minicpm", "minicpm-convert", family_of(spec).name]
 
 
 def written_by_us(path: Path) -> bool:
@@ -180,12 +181,12 @@ def verification_text(report, source: str, text_label: str) -> str:
 
 # -- the cards of each export ------------------------------------------------------------------------
 def _model_facts(spec, params: int) -> list[tuple[str, str]]:
-    facts = [("layers", str(spec.num_hidden_layers)), ("hidden size", str(spec.hidden_size)),
+    from .families import family_of
+    facts = [("model family", family_of(spec).title), ("layers", str(spec.num_hidden_layers)),
+             ("hidden size", str(spec.hidden_size)),
              ("attention heads (key/value)", f"{spec.num_attention_heads} ({spec.num_key_value_heads}), "
                                             f"head size {spec.head_dim}"),
              ("vocabulary", str(spec.vocab_size)), ("context", str(spec.max_position_embeddings))]
-    if spec.num_experts:
-        facts.append(("experts", f"{spec.num_experts}, {spec.num_experts_per_tok} per token"))
     return facts + [("parameters", f"{params:,}")]
 
 
