@@ -275,7 +275,11 @@ def verify_cmd(
     table = Table(title=f"verify against {src} ({len(result.tokens)} tokens of text, ctx {ctx})")
     for col in ("export", "kind", "weights", "metadata", "PPL ratio", "KL mean", "KL p99", "KL max", "same top-1",
                 "RMS Δp", "result"):
-        table.add_column(col, justify="left" if col in ("export", "kind") else "right", no_wrap=True)
+        # Figures and the verdict keep their full width; a long export name or kind folds instead.
+        if col in ("export", "kind"):
+            table.add_column(col, justify="left", overflow="fold")
+        else:
+            table.add_column(col, justify="right", no_wrap=True, min_width=len(col))
     for r in result.reports:
         w, t = r.worst, r.text
         text_cells = ["-"] * 6 if t is None else [f"{t.ppl_ratio:.4f}", f"{t.kl_mean:.3g}", f"{t.kl_p99:.3g}",

@@ -51,7 +51,8 @@ def compare(ref: torch.Tensor, out: torch.Tensor) -> dict[str, float]:
 
 
 def prompt_tokens(src: Checkpoint, prompt: str | None, tokens: list[int] | None) -> list[int]:
-    """Explicit ids, or the prompt encoded with SRC's SentencePiece model (BOS first)."""
+    """Explicit ids, or the prompt encoded with SRC's own tokenizer (tokenizer.json when it ships
+    one, else tokenizer.model), BOS first as the model adds it."""
     vocab = src.spec.vocab_size
     if tokens is not None:
         if not tokens:
@@ -60,14 +61,8 @@ def prompt_tokens(src: Checkpoint, prompt: str | None, tokens: list[int] | None)
         if bad:
             raise ConvertError(f"--tokens: id {bad[0]} is outside the vocabulary (0..{vocab - 1})")
         return tokens
-    model = src.folder / "tokenizer.model"
-    if not model.is_file():
-        raise ConvertError(f"{src.folder}: no tokenizer.model to encode the prompt; pass --tokens")
-    from .sources.tokenizer import load_sentencepiece
-    sp = load_sentencepiece(model)
-    ids = [src.spec.bos_token_id if src.spec.bos_token_id is not None else sp.bos_id()]
-    ids += sp.encode(prompt or DEFAULT_PROMPT)
-    return ids
+    from .sources.tokenizer import text_encoder
+    return text_encoder(src.folder, src.spec.bos_token_id)(prompt or DEFAULT_PROMPT)
 
 
 def text_tokens(src: Checkpoint, text: str | None = None, tokens: list[int] | None = None) -> list[int]:

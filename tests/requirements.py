@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import os
+from pathlib import Path
 
 import pytest
 
@@ -57,3 +58,18 @@ def require(name: str):
             pytest.fail(f"{message}: CI promises it", pytrace=False)
         pytest.skip(message)
     return found
+
+
+SHARED_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+
+
+def shared_data(name: str) -> Path:
+    """A folder of real files in ../shared/data beside the checkout (OpenBMB's tokenizer, ...):
+    skip without it, fail under CI, where ../shared is promised."""
+    folder = SHARED_DATA / name
+    if not folder.is_dir():
+        message = f"{folder} is missing (real files the tests hold us to)"
+        if IN_CI:
+            pytest.fail(f"{message}: CI promises ../shared", pytrace=False)
+        pytest.skip(message)
+    return folder

@@ -42,6 +42,9 @@ EXPECTED = {
     "bin": (256, 2, 4, 4, 512, 0, torch.bfloat16, True, ["pytorch_model.bin"]),
     "moe": (256, 2, 4, 4, 512, 0, torch.bfloat16, True, ["model.safetensors"]),  # + 8 experts, top-2
 }
+# The Llama-architecture fixture (MiniCPM5's structure) has a config of its own, checked in
+# tests/test_minicpm5.py.
+LLAMA_FIXTURES = {"minicpm5"}
 MOE = {"moe": (8, 2)}  # name: (num_experts, num_experts_per_tok)
 DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 
@@ -81,7 +84,7 @@ def _load_state_dict(folder: Path) -> dict[str, torch.Tensor]:
 def built(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("fixtures_a")
     paths = build_all(root)
-    assert set(paths) == set(FIXTURES) == set(EXPECTED)
+    assert set(paths) == set(FIXTURES) == set(EXPECTED) | LLAMA_FIXTURES
     return root
 
 
@@ -281,6 +284,7 @@ def test_logits_are_spread_with_clear_top1(built, name):
 
 
 def test_sentencepiece_tokenizer():
+    """The committed tokenizer has the structure of OpenBMB's MiniCPM-1B/2B SentencePiece model."""
     from sentencepiece import sentencepiece_model_pb2 as pb
 
     sp = _sp()
@@ -292,10 +296,16 @@ def test_sentencepiece_tokenizer():
     ts = m.trainer_spec
     assert ts.model_type == pb.TrainerSpec.BPE
     assert ts.byte_fallback and ts.split_digits
-    assert "<reserved_0>" in ts.user_defined_symbols and "<用户>" not in ts.user_defined_symbols
+    assert not m.normalizer_spec.add_dummy_prefix  # as OpenBMB's: tokenizer.json prepends "▁" instead
     assert sum(p.type == pb.ModelProto.SentencePiece.BYTE for p in m.pieces) == 256
+    # user-defined pieces right after the control ones: markup, single characters (Chinese
+    # punctuation among them), reserved tokens
+    user = [p.piece for p in m.pieces if p.type == pb.ModelProto.SentencePiece.USER_DEFINED]
+    assert [sp.piece_to_id(p) for p in user] == list(range(3, 3 + len(user)))
+    assert {"，", "。", "！", "？", "\n", "\t", "<SEP>", "<reserved_0>"} <= set(user)
+    assert sum(len(p) == 1 for p in user) >= 30 and "<用户>" not in user
 
-    # As in MiniCPM-2B, the chat tags are plain text (several pieces); reserved tokens are whole.
+    # As in MiniCPM-2B, the chat tags are plain text (several pieces); user-defined pieces are whole.
     assert sp.decode(sp.encode("<用户>你好<AI>")) == "<用户>你好<AI>"
     assert len(sp.encode("<用户>", out_type=str)) > 1
     assert sp.piece_to_id("<reserved_0>") in sp.encode("a<reserved_0>b")
@@ -308,6 +318,20 @@ def test_sentencepiece_tokenizer():
     assert sp.unk_id() not in sp.encode("任何文字 any text ✓ 🙂 Ω")
 
 
+def test_tokenizer_json_is_built_as_openbmbs():
+    """tokenizer_json.build reproduces OpenBMB's MiniCPM-1B tokenizer.json byte for byte from its
+    tokenizer.model (the real files in ../shared), and the fixture's is built by the same code."""
+    sys.path.insert(0, str(TOKENIZER_DIR))
+    from tokenizer_json import build, dumps
+
+    from tests.requirements import shared_data
+
+    real = shared_data("minicpm-1b-tokenizer")
+    assert dumps(build(real / "tokenizer.model")) == (real / "tokenizer.json").read_text(encoding="utf-8")
+    assert dumps(build(TOKENIZER_DIR / "tokenizer.model")) == (TOKENIZER_DIR / "tokenizer.json").read_text(
+        encoding="utf-8")
+
+
 @pytest.mark.parametrize("name", ["tiny", "untied"])
 def test_autotokenizer_loads(built, name):
     from transformers import AutoTokenizer
@@ -318,9 +342,11 @@ def test_autotokenizer_loads(built, name):
     assert len(tok) == _sp().get_piece_size() <= cfg["vocab_size"]
     ids = tok.encode("<用户>你好<AI>")
     assert ids[0] == 1 and ids[-1] != 2  # add_bos_token true, add_eos_token false
-    sp = _sp()
+    from tokenizers import Tokenizer
+
     assert tok.decode(ids, skip_special_tokens=True) == "<用户>你好<AI>"
-    assert tok.encode("hello 12345", add_special_tokens=False) == sp.encode("hello 12345")
+    reference = Tokenizer.from_file(str(built / name / "tokenizer.json"))
+    assert tok.encode("hello 12345，你好") == reference.encode("hello 12345，你好").ids
     chat = tok.apply_chat_template(
         [{"role": "user", "content": " 你好 "}, {"role": "assistant", "content": "你好！"},
          {"role": "user", "content": "1+1?"}],

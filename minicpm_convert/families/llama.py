@@ -39,7 +39,8 @@ class Llama(MiniCPMBase):
     def support(self, command: str) -> str:
         return {
             "to-llama": "yes: a validated copy with our metadata",
-            "to-gguf": "yes: arch `llama` (`attention.key_length/value_length` = head_dim)",
+            "to-gguf": "yes: arch `llama` (`attention.key_length/value_length` = head_dim); MiniCPM5's byte-level "
+                       "BPE `tokenizer.json` as a `gpt2` vocabulary with pre-tokenizer `minicpm5`",
             "to-gguf --arch llama": "yes (the same file)",
         }.get(command, "yes")
 

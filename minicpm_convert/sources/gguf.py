@@ -137,16 +137,18 @@ class GgufSource:
                                    f"the metadata implies {list(shape)}")
 
     def summary_fields(self) -> list[tuple[str, object]]:
-        skip = ("tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type", "tokenizer.chat_template")
+        skip = ("tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type", "tokenizer.ggml.merges",
+                "tokenizer.chat_template")
         out = []
         for key, field in self.reader.fields.items():
             if key.startswith("GGUF.") or key in skip:
                 continue
             value = field.contents()
             out.append((key, value))
-        tokens = self._field("tokenizer.ggml.tokens", default=None)
-        if tokens is not None:
-            out.append(("tokenizer.ggml.tokens", f"{len(tokens)} tokens"))
+        for key, what in (("tokenizer.ggml.tokens", "tokens"), ("tokenizer.ggml.merges", "merges")):
+            found = self._field(key, default=None)
+            if found is not None:
+                out.append((key, f"{len(found)} {what}"))
         return out
 
     # -- WeightSource --------------------------------------------------------------------------

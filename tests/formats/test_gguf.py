@@ -1,5 +1,6 @@
 """to-gguf, proven by llama.cpp: it loads every file, its logits match the MiniCPM reference,
-its own quantizer produces the same bytes, and it tokenizes as SentencePiece does."""
+its own quantizer produces the same bytes, and it tokenizes as the checkpoint's tokenizer.json does
+(a corpus of real texts on real vocabularies: test_vocab.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ from gguf import GGUFReader
 from minicpm_convert import reference
 from minicpm_convert.sources.checkpoint import Checkpoint
 from minicpm_convert.formats.gguf.plan import FILE_TYPES
-from minicpm_convert.sources.tokenizer import load_sentencepiece
 from minicpm_convert.verify import compare, prompt_tokens
 from tests import llama_cpp_client as client
 from tests.conftest import run_cli
@@ -105,37 +105,13 @@ PLAIN_TEXTS = [
     "   leading spaces",
     "<用户>你好，请介绍一下你自己。<AI>我是一个语言模型。",  # chat tags are text in MiniCPM-2B's vocabulary
     "<用户>hi there<AI>",
-]
-RESERVED_TEXTS = [
-    "<reserved_0>你好，请介绍一下你自己。<reserved_1>我是一个语言模型。",
-    "Question: <reserved_2>hi there<reserved_3>ok",
+    "<reserved_0>你好，请介绍一下你自己。<reserved_1>我是一个语言模型。",  # user-defined pieces: vocabulary
 ]
 
 
 @pytest.mark.parametrize("text", PLAIN_TEXTS)
-def test_llama_cpp_tokenizes_like_sentencepiece(text, gguf_file, fixture_path):
-    sp = load_sentencepiece(fixture_path("tiny") / "tokenizer.model")
-    assert client.tokenize(gguf_file("tiny", "q8_0"), text) == [1] + sp.encode(text)
+def test_llama_cpp_tokenizes_like_the_checkpoint_tokenizer(text, gguf_file, fixture_path):
+    from tokenizers import Tokenizer
 
-
-@pytest.mark.parametrize("text", RESERVED_TEXTS)
-def test_llama_cpp_keeps_user_defined_tokens_whole(text, gguf_file, fixture_path):
-    """User-defined pieces (MiniCPM's <reserved_N>) are typed user-defined, so llama.cpp matches each
-    as one token (llama.cpp's own converter types them normal and splits them into characters).
-    Between them, llama.cpp's SPM tokenizer encodes each text fragment as SentencePiece encodes it
-    alone (a dummy-prefix space after such a token): a rule of llama.cpp's tokenizer that no GGUF
-    metadata changes, so this is the exact sequence to expect."""
-    sp = load_sentencepiece(fixture_path("tiny") / "tokenizer.model")
-    tags = {f"<reserved_{i}>": sp.piece_to_id(f"<reserved_{i}>") for i in range(4)}
-    want, rest = [1], text
-    while rest:
-        cut = min((rest.find(t), t) for t in tags if t in rest) if any(t in rest for t in tags) else (len(rest), None)
-        if cut[0]:
-            want += sp.encode(rest[:cut[0]])
-        if cut[1] is None:
-            break
-        want.append(tags[cut[1]])
-        rest = rest[cut[0] + len(cut[1]):]
-    got = client.tokenize(gguf_file("tiny", "q8_0"), text)
-    assert got == want
-    assert sum(t in tags.values() for t in got) == 2
+    want = Tokenizer.from_file(str(fixture_path("tiny") / "tokenizer.json")).encode(text).ids
+    assert client.tokenize(gguf_file("tiny", "q8_0"), text) == want

@@ -61,7 +61,7 @@ def test_moe_keys_are_those_of_the_converters_vocab_only_file(fixture_path, tmp_
     but those it derives from the tensors: the parameter count (general.size_label, and finetune,
     which the size in the model's name becomes when it is far from the count)."""
     src = fixture_path("moe")
-    theirs = keys(convert(src, tmp_path / "theirs.gguf", "f32", "--vocab-only"))
+    theirs = keys(convert(src, tmp_path / "theirs.gguf", "f32", vocab_only=True))
     code, _, err = run_cli("to-gguf", src, tmp_path / "ours.gguf", "--quant", "f32", "-q")
     assert code == 0, err
     ours = keys(tmp_path / "ours.gguf")
