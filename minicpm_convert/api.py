@@ -42,6 +42,7 @@ class GgufExport(Export):
     arch: str = ""
     file_type: str = ""
     tensor_types: dict[str, str] = field(default_factory=dict)  # GGUF tensor name -> GGML type name
+    files: list[Path] = field(default_factory=list)  # every file written (a split set's, first first)
 
 
 @dataclass
@@ -66,6 +67,24 @@ def _checked(ckpt, command: str, out, notes: Notes) -> list[str]:
 def _folder_target(out: PathLike, force: bool, ckpt):
     from .output import Protected, folder_output
     return folder_output(out, force, Protected.of([ckpt.folder]))
+
+
+def _write_card(tmp: Path, target, make_card, notes: Notes, found: list[str]) -> None:
+    """The export's model card (README.md), unless the user put a README.md of their own in the
+    earlier export this one replaces: that one is kept (output.py), and the card is not written."""
+    from .card import CARD
+    if target.keeps(CARD):
+        note = f"{target.path / CARD}: kept yours (minicpm-convert did not write it); no model card written"
+        found.append(note)
+        if notes is not None:
+            notes(note)
+        return
+    (tmp / CARD).write_text(make_card().render(), encoding="utf-8")
+
+
+def _parameters(ckpt) -> int:
+    from math import prod
+    return sum(prod(ckpt.shape(n)) for n in ckpt.names())
 
 
 def source_name(src: PathLike) -> str:
@@ -98,8 +117,10 @@ def to_llama(src: PathLike, out: PathLike, *, dtype: str = "auto", shard_size: s
              force: bool = False, quiet: bool = True, notes: Notes = None) -> Export:
     """Fold the muP scale factors into the weights and write a Llama-format checkpoint folder."""
     from .families import family_of
+    from .card import llama_card
     from .formats.hf.llama import write_llama
     from .output import atomic_folder, write_manifest
+    from .sources.checkpoint import hub_repo_id
     from .stream import llama_stream
 
     if dtype != "auto" and dtype not in DTYPES:
@@ -111,11 +132,14 @@ def to_llama(src: PathLike, out: PathLike, *, dtype: str = "auto", shard_size: s
     torch_dtype = ckpt.storage_dtype if dtype == "auto" else DTYPES[dtype]
     if torch_dtype not in DTYPES.values():
         raise ConvertError(f"{ckpt.folder}: stored as {torch_dtype}; pass --dtype bfloat16|float16|float32")
+    arch = family_of(ckpt.spec).llama_architecture(ckpt.spec)
+    dtype_name = str(torch_dtype).removeprefix("torch.")
     with atomic_folder(target) as tmp:
         write_llama(ckpt, llama_stream(ckpt), tmp, torch_dtype, shard_bytes, quiet=quiet)
+        _write_card(tmp, target, lambda: llama_card(ckpt, source_name(src), hub_repo_id(src, ckpt.folder), arch,
+                                                     dtype_name, _parameters(ckpt), found), notes, found)
         write_manifest(tmp, command="to-llama", source=source_name(src))
-    arch = family_of(ckpt.spec).llama_architecture(ckpt.spec)
-    return Export(target.path, f"{arch}, {str(torch_dtype).removeprefix('torch.')}", found)
+    return Export(target.path, f"{arch}, {dtype_name}", found)
 
 
 @dataclass
@@ -163,35 +187,73 @@ def _gguf_options(quant: str, imatrix, output_tensor_type, token_embedding_type,
     return options, (imatrix_file.read(Path(imatrix)) if imatrix is not None and read else None)
 
 
+def _split(split_max_size: str | int | None, split_max_tensors: int):
+    from .formats.gguf.split import Split
+    if split_max_tensors < 0:
+        raise ConvertError(f"--split-max-tensors: must be positive, got {split_max_tensors}")
+    size = parse_size(split_max_size, "--split-max-size") if split_max_size is not None else 0
+    return Split(split_max_tensors, size)
+
+
 def gguf_plan(src: PathLike, *, quant: str = "q4_K_M", arch: str | None = None, imatrix: PathLike | None = None,
               output_tensor_type: str | None = None, token_embedding_type: str | None = None,
-              tensor_types: Sequence[str] = (), pure: bool = False, leave_output_tensor: bool = False) -> dict:
+              tensor_types: Sequence[str] = (), pure: bool = False, leave_output_tensor: bool = False,
+              model_name: str | None = None, metadata: PathLike | None = None,
+              split_max_size: str | int | None = None, split_max_tensors: int = 0) -> dict:
     """What `to_gguf` would write (llama-quantize's --dry-run): the type of every tensor, which
-    fell back and why, bits per weight and the exact file size. Nothing is written."""
-    from .formats.gguf.writer import dry_run
+    fell back and why, bits per weight and the exact file size (each file's, when split).
+    Nothing is written."""
+    from .formats.gguf.writer import dry_run, file_arch, source_metadata
 
     options, importance = _gguf_options(quant, imatrix, output_tensor_type, token_embedding_type, tensor_types,
                                         pure, leave_output_tensor)
+    split = _split(split_max_size, split_max_tensors)
     ckpt = _open(src)
     from .families import check
     check(ckpt.spec, "to-gguf --arch llama" if arch == "llama" else "to-gguf", ckpt.folder)
-    return dry_run(ckpt, arch, str(src), options, importance)
+    general = source_metadata(ckpt, file_arch(ckpt, arch), str(src), model_name=model_name,
+                              override_path=Path(metadata) if metadata is not None else None)
+    return dry_run(ckpt, arch, str(src), options, importance, general=general, split=split)
+
+
+def _gguf_target(ckpt, out: PathLike, general, options, arch: str, split, card: bool, force: bool, protected):
+    """(OUT's GGUF path, the files to-gguf writes): the GGUF or its split set (llama.cpp's names),
+    and the card beside it, checked against what they would replace (output.py): a split file or
+    a card only when minicpm-convert wrote it; an earlier split set of ours goes with them."""
+    from .card import CARD, written_by_us as our_card
+    from .formats.gguf.metadata import default_file_name
+    from .formats.gguf.split import other_sets, split_names, written_by_us
+    from .formats.gguf.writer import file_count
+    from .output import file_set, output_path
+
+    base = output_path(out, lambda: default_file_name(general, options.file_type))
+    count = file_count(ckpt, arch, options, split) if split else 1
+    files = [(p, written_by_us if count > 1 else None) for p in split_names(base, count)]
+    if card:
+        files.append((base.parent / CARD, our_card))
+    stale = [p for p in other_sets(base, count) if written_by_us(p)] if count > 1 else []
+    return base, file_set(files, force, protected, stale=stale, name=base)
 
 
 def to_gguf(src: PathLike, out: PathLike, *, quant: str = "q4_K_M", arch: str | None = None, force: bool = False,
             quiet: bool = True, notes: Notes = None, imatrix: PathLike | None = None,
             calibration: PathLike | None = None, ctx: int = 512, chunks: int | None = None,
             output_tensor_type: str | None = None, token_embedding_type: str | None = None,
-            tensor_types: Sequence[str] = (), pure: bool = False, leave_output_tensor: bool = False) -> GgufExport:
+            tensor_types: Sequence[str] = (), pure: bool = False, leave_output_tensor: bool = False,
+            model_name: str | None = None, metadata: PathLike | None = None,
+            split_max_size: str | int | None = None, split_max_tensors: int = 0, card: bool = False) -> GgufExport:
     """Write a GGUF file (OUT, or a file named as llama.cpp's converter would inside the folder OUT).
 
     `arch`: 'minicpm' (scales as metadata), 'llama' (folded) or None for the family's own.
     `quant`: any llama-quantize file type; `imatrix`: an importance matrix file (llama-imatrix's GGUF
     or legacy .dat); `calibration`: a text to compute one from first, in one step (`ctx`, `chunks`
-    as `imatrix`); the per-tensor options are llama-quantize's."""
-    from .formats.gguf.metadata import default_file_name, model_metadata
-    from .formats.gguf.writer import file_arch, gguf_jobs, write_gguf
-    from .output import Protected, atomic_file, file_output
+    as `imatrix`); the per-tensor options are llama-quantize's.
+    `model_name`, `metadata` (a JSON file of general.* keys), `split_max_size` ('2G'),
+    `split_max_tensors`: as llama.cpp's converter's --model-name, --metadata, --split-max-size and
+    --split-max-tensors. A split set's path is its first file. `card`: also write a model card
+    (README.md) for the file beside it."""
+    from .formats.gguf.writer import file_arch, source_metadata, write_gguf
+    from .output import Protected, atomic_files
 
     if arch not in (None, "minicpm", "llama"):
         raise ConvertError(f"--arch: unknown architecture {arch!r} (minicpm, llama)")
@@ -199,33 +261,46 @@ def to_gguf(src: PathLike, out: PathLike, *, quant: str = "q4_K_M", arch: str | 
         raise ConvertError("give --imatrix or --calibration, not both")
     options, importance = _gguf_options(quant, imatrix or calibration, output_tensor_type, token_embedding_type,
                                         tensor_types, pure, leave_output_tensor, read=imatrix is not None)
+    split = _split(split_max_size, split_max_tensors)
     ft = options.file_type
     ckpt = _open(src)
     written_arch = file_arch(ckpt, arch)
-
-    def default_name() -> str:
-        jobs = gguf_jobs(ckpt, written_arch)
-        return default_file_name(model_metadata(ckpt.folder, [(n, j.shape) for n, j in jobs]), ft)
-
-    inputs = [Path(p) for p in (imatrix, calibration) if p is not None]
-    final = file_output(out, default_name, force, Protected.of([ckpt.folder], inputs))
+    override = Path(metadata) if metadata is not None else None
+    general = source_metadata(ckpt, written_arch, str(src), model_name=model_name, override_path=override)
+    inputs = [Path(p) for p in (imatrix, calibration, metadata) if p is not None]
+    base, target = _gguf_target(ckpt, out, general, options, written_arch, split, card, force,
+                                Protected.of([ckpt.folder], inputs))
+    final = target.files[0]
     found = _checked(ckpt, "to-gguf --arch llama" if arch == "llama" else "to-gguf", final, notes)
     if calibration is not None:  # one step: the importance matrix stays in memory
         from .importance import compute_from_text
         importance = compute_from_text(ckpt, Path(calibration), ctx=ctx, chunks=chunks, quiet=quiet)
         importance.path = Path(calibration).name
-    with atomic_file(final) as tmp:
-        plan = write_gguf(ckpt, tmp, ft, arch, str(src), quiet=quiet, options=options, imatrix=importance)
-    return GgufExport(final, f"GGUF arch {written_arch}, {ft.name}", found, arch=written_arch, file_type=ft.name,
-                      tensor_types={name: t.name for name, t in plan.items()})
+    with atomic_files(target) as tmp:
+        plan = write_gguf(ckpt, tmp / base.name, ft, arch, str(src), quiet=quiet, options=options,
+                          imatrix=importance, general=general, split=split)
+        if card:
+            from .card import CARD, gguf_card
+            from .sources.checkpoint import hub_repo_id
+            written = [tmp / p.name for p in target.files if p.name != CARD]
+            imatrix_name = Path(str(importance.path)).name if importance is not None else None
+            (tmp / CARD).write_text(gguf_card(ckpt, source_name(src), hub_repo_id(src, ckpt.folder), written_arch,
+                                              ft.name, written, _parameters(ckpt), imatrix_name,
+                                              general.meta.quantized_by, found).render(), encoding="utf-8")
+    count = len(target.files) - (1 if card else 0)
+    kind = f"GGUF arch {written_arch}, {ft.name}" + (f", {count} files" if count > 1 else "")
+    return GgufExport(final, kind, found, arch=written_arch, file_type=ft.name,
+                      tensor_types={name: t.name for name, t in plan.items()}, files=list(target.files))
 
 
 def to_int4(src: PathLike, out: PathLike, *, format: str = "gptq", group_size: int = 128, sym: bool = True,
             search: bool = True, force: bool = False, quiet: bool = True, notes: Notes = None) -> Int4Export:
     """Write a 4-bit group-quantized Llama-format checkpoint folder (GPTQ v1 or compressed-tensors)."""
+    from .card import int4_card
     from .formats.hf.int4 import FORMATS, GROUP_SIZES, Int4Scheme
     from .formats.hf.int4_writer import write_int4
     from .output import atomic_folder, write_manifest
+    from .sources.checkpoint import hub_repo_id
     from .stream import llama_stream
 
     if format not in FORMATS:
@@ -238,6 +313,8 @@ def to_int4(src: PathLike, out: PathLike, *, format: str = "gptq", group_size: i
     scheme = Int4Scheme(format, group_size, sym)
     with atomic_folder(target) as tmp:
         report = write_int4(ckpt, llama_stream(ckpt), tmp, scheme, search=search, quiet=quiet)
+        _write_card(tmp, target, lambda: int4_card(ckpt, source_name(src), hub_repo_id(src, ckpt.folder), scheme,
+                                                    search, report, _parameters(ckpt), found), notes, found)
         write_manifest(tmp, command="to-int4", source=source_name(src))
     return Int4Export(target.path, f"INT4 {format}, group {group_size}, {'sym' if sym else 'asym'}", found,
                       report=report)
@@ -249,6 +326,8 @@ class VerifyResult:
     tokens: list[int]
     reports: list  # verify.Report, one per export
     json_path: Path | None = None
+    cards: list[Path] = field(default_factory=list)  # model cards given the figures (--card)
+    uncarded: list[str] = field(default_factory=list)  # exports with no card of ours (--card)
 
     @property
     def passed(self) -> bool:
@@ -261,10 +340,11 @@ class VerifyResult:
 
 def verify(src: PathLike, exports: Sequence[PathLike], *, text: PathLike | None = None, prompt: str | None = None,
            tokens: Sequence[int] | None = None, ctx: int = 512, max_kl: float | None = None,
-           json_path: PathLike | None = None, force: bool = False) -> VerifyResult:
+           json_path: PathLike | None = None, force: bool = False, card: bool = False) -> VerifyResult:
     """Prove each export of SRC (see `verify.py`): weights within their storage type's bounds,
     metadata equal to the source's, logits on real text compared. `text` is a file; `prompt` a
-    text; `tokens` ids; none of them: the bundled text."""
+    text; `tokens` ids; none of them: the bundled text. `card`: write each export's figures into
+    its model card (one minicpm-convert wrote; others are listed in `uncarded`)."""
     from .families import check
     from .output import Protected, file_output, write_json_file
     from .verify import text_tokens, verify as run_verify
@@ -292,6 +372,19 @@ def verify(src: PathLike, exports: Sequence[PathLike], *, text: PathLike | None 
     result = VerifyResult(str(src), ids, run_verify(ckpt, export_paths, ids, ctx=ctx, max_kl=max_kl), json_final)
     if json_final is not None:
         write_json_file(json_final, result.as_dict())
+    if card:
+        from .card import card_of, update_verification, verification_text
+        from .sources.checkpoint import hub_repo_id
+        label = (f"`{Path(text).name}`" if text is not None else "given token ids" if tokens is not None
+                 else "a prompt" if prompt is not None else "the bundled English and Chinese text")
+        name = hub_repo_id(src, ckpt.folder) or source_name(src)
+        for report in result.reports:
+            path = card_of(Path(report.export))
+            if path is None:
+                result.uncarded.append(report.export)
+            else:
+                update_verification(path, verification_text(report, name, label))
+                result.cards.append(path)
     return result
 
 

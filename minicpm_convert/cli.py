@@ -88,6 +88,9 @@ SRC_HELP = "MiniCPM checkpoint: a local folder or a Hugging Face repo id (e.g. o
 FORCE_FOLDER_HELP = ("Replace OUT if it is an earlier export of minicpm-convert (never the source or a folder of "
                      "other files; files you added to it are kept).")
 FORCE_FILE_HELP = "Overwrite OUT if it is a file (never one of the inputs or a file inside the source)."
+FORCE_GGUF_HELP = ("Overwrite OUT if it is a file (never one of the inputs or a file inside the source); split files "
+                   "and a model card only when minicpm-convert wrote them, and an earlier split set of ours under the "
+                   "same name goes.")
 QUIET_HELP = "No progress bar and no report table."
 
 
@@ -110,7 +113,8 @@ def to_llama(
     """Fold the muP scale factors into the weights and write a Llama-format checkpoint.
 
     The result loads in transformers (LlamaForCausalLM), vLLM and any Llama tooling without
-    remote code, and gives the same logits as the MiniCPM original.
+    remote code, and gives the same logits as the MiniCPM original. Its README.md is a model
+    card for the Hugging Face Hub.
     """
     from . import api
     done = api.to_llama(src, out, dtype=dtype.value, shard_size=shard_size, force=force, quiet=quiet, notes=note)
@@ -149,9 +153,22 @@ def to_gguf(
                                           "(repeatable; the first match wins), e.g. attn_v=q8_0."),
     pure: bool = typer.Option(False, "--pure", help="Every quantized tensor in the file type's default type."),
     leave_output_tensor: bool = typer.Option(False, "--leave-output-tensor", help="Leave output.weight unquantized (F32)."),
+    model_name: Optional[str] = typer.Option(None, "--model-name", help="general.name (default: as llama.cpp's "
+                                             "converter derives it from the model card, config and folder name)."),
+    metadata: Optional[Path] = typer.Option(None, "--metadata", help="A JSON file of general.* keys overriding "
+                                            "what the model card gives, as llama.cpp's converter's --metadata, e.g. "
+                                            '{"general.quantized_by": "you"}.'),
+    split_max_size: Optional[str] = typer.Option(None, "--split-max-size", help="Split the GGUF into files of at most "
+                                                 "this much tensor data (e.g. 2G, 500M), named "
+                                                 "NAME-00001-of-0000N.gguf as llama.cpp's converter and gguf-split "
+                                                 "name them."),
+    split_max_tensors: int = typer.Option(0, "--split-max-tensors", help="Split the GGUF into files of at most this "
+                                          "many tensors (0: no limit)."),
+    card: bool = typer.Option(False, "--card", help="Also write a model card (README.md with Hugging Face front "
+                              "matter) beside the GGUF, for huggingface-cli upload."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the type plan (per tensor, fallbacks, bits per "
                                  "weight, file size) and write nothing."),
-    force: bool = typer.Option(False, "--force", help=FORCE_FILE_HELP),
+    force: bool = typer.Option(False, "--force", help=FORCE_GGUF_HELP),
     quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
 ):
     """Write a GGUF file for llama.cpp (and ollama, LM Studio, llama-cpp-python).
@@ -162,14 +179,15 @@ def to_gguf(
     from . import api
 
     plan = dict(imatrix=imatrix, output_tensor_type=output_tensor_type, token_embedding_type=token_embedding_type,
-                tensor_types=tensor_type, pure=pure, leave_output_tensor=leave_output_tensor)
+                tensor_types=tensor_type, pure=pure, leave_output_tensor=leave_output_tensor, model_name=model_name,
+                metadata=metadata, split_max_size=split_max_size, split_max_tensors=split_max_tensors)
     if dry_run:
         from .formats.gguf.plan import format_report
         report = api.gguf_plan(src, quant=quant, arch=arch.value if arch else None, **plan)
         out_console.print(format_report(report), highlight=False, markup=False, soft_wrap=True)
         return
     done = api.to_gguf(src, out, quant=quant, arch=arch.value if arch else None, force=force, quiet=quiet,
-                       notes=note, calibration=calibration, ctx=ctx, chunks=chunks, **plan)
+                       notes=note, calibration=calibration, ctx=ctx, chunks=chunks, card=card, **plan)
     say(f"wrote {done.path} ({done.kind})")
 
 
@@ -195,7 +213,8 @@ def to_int4(
     """Write a 4-bit group-quantized Llama-format checkpoint (no calibration data needed).
 
     The seven projections of every block are quantized; embeddings, norms and lm_head stay
-    float16. Prints the relative weight error per layer type and writes quantization_report.json.
+    float16. Prints the relative weight error per layer type and writes quantization_report.json;
+    its README.md is a model card for the Hugging Face Hub.
     """
     from . import api
     from .formats.hf.int4_writer import REPORT_FILE
@@ -241,6 +260,8 @@ def verify_cmd(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write every figure to this JSON file "
                                             "(a folder: verify.json inside it)."),
     force: bool = typer.Option(False, "--force", help="Overwrite the --json file if it exists."),
+    card: bool = typer.Option(False, "--card", help="Write each export's figures into its model card (the README.md "
+                              "minicpm-convert wrote into an export folder or beside a GGUF with --card)."),
 ):
     """Prove each export of SRC: every tensor within its storage type's error bound, the metadata
     equal to the source config, and the logits on real text compared (perplexity, KL divergence).
@@ -250,7 +271,7 @@ def verify_cmd(
     from . import api
 
     result = api.verify(src, exports, text=text, prompt=prompt, tokens=parse_tokens(tokens), ctx=ctx, max_kl=max_kl,
-                        json_path=json_out, force=force)
+                        json_path=json_out, force=force, card=card)
     table = Table(title=f"verify against {src} ({len(result.tokens)} tokens of text, ctx {ctx})")
     for col in ("export", "kind", "weights", "metadata", "PPL ratio", "KL mean", "KL p99", "KL max", "same top-1",
                 "RMS Δp", "result"):
@@ -274,6 +295,10 @@ def verify_cmd(
                               highlight=False, markup=False, soft_wrap=True)
         for reason in r.failures:
             out_console.print(f"FAIL {Path(r.export).name}: {reason}", highlight=False, markup=False, soft_wrap=True)
+    for path in result.cards:
+        say(f"wrote the figures into {path}")
+    for export in result.uncarded:
+        say(f"note: {export}: no model card minicpm-convert wrote; --card left it alone")
     if not result.passed:
         raise typer.Exit(1)
 

@@ -93,7 +93,8 @@ def _inspect_gguf(path: Path) -> Inspection:
     from .sources.gguf import GgufSource
 
     src = GgufSource(path)
-    found = Inspection(f"{path} (GGUF v{src.version}, {src.file_type_name})")
+    files = f", split into {len(src.readers)} files" if len(src.readers) > 1 else ""
+    found = Inspection(f"{path} (GGUF v{src.version}, {src.file_type_name}{files})")
     for key, value in src.summary_fields():
         found.facts.append(f"{key}: {value}")
     found.tensors = [(t.name, tuple(int(d) for d in reversed(t.shape.tolist())), t.tensor_type.name)

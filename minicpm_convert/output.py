@@ -1,14 +1,18 @@
 """Outputs appear whole or not at all, and never replace what minicpm-convert did not write.
 
 Everything is written under a recognisable temporary name beside the final path and renamed
-when complete (a folder output as a whole folder). An interrupted or failed run removes its
-temporary; one killed outright leaves a `.NAME.partial-PID` that the next run removes.
+when complete (a folder output as a whole folder; files written together, such as a GGUF's split
+files and its model card, in a temporary folder, then moved in together). An interrupted or
+failed run removes its temporary; one killed outright leaves a `.NAME.partial-PID` that the next
+run removes.
 
 What an output may replace (every path resolved first: symbolic links, `..`, the Hugging Face
 cache's links to its blobs, so that a link to the source *is* the source):
 - a file output (GGUF, JSON) given an existing folder is written inside it, under the name
   llama.cpp's converter would choose; an existing file is replaced only with --force, and never
-  when it is one of the command's inputs or inside the source checkpoint;
+  when it is one of the command's inputs or inside the source checkpoint; a GGUF split set's
+  files and a model card beside a GGUF are replaced (with --force) only when minicpm-convert
+  wrote them, and an earlier split set of ours under the same name goes with them;
 - a folder output (to-llama, to-int4) may be a new or empty folder; with --force, an earlier
   export of ours (recognised by its manifest, which lists the files we wrote); never the source,
   a folder inside it or a folder that contains it, never a folder of someone else's files. Only
@@ -86,12 +90,16 @@ class Protected:
         return None
 
 
-def file_output(out: str | os.PathLike, default_name: Callable[[], str], force: bool,
-                protected: Protected) -> Path:
-    """The file a command will write for OUT: inside OUT when OUT is a folder (llama.cpp's
-    converter does the same), checked against what it would replace."""
+def output_path(out: str | os.PathLike, default_name: Callable[[], str]) -> Path:
+    """The file a command writes for OUT: inside OUT when OUT is a folder (llama.cpp's converter
+    does the same), under `default_name()`."""
     given = Path(os.path.expanduser(os.fspath(out)))
-    final = resolved(given / default_name() if given.is_dir() else given)
+    return resolved(given / default_name() if given.is_dir() else given)
+
+
+def _check_replace(final: Path, force: bool, protected: Protected, ours: Callable[[Path], bool] | None) -> None:
+    """Whether `final` may be written: absent, or replaceable (--force, not protected, and when
+    `ours` is given, a file it recognises as written by minicpm-convert)."""
     if final.is_dir():
         raise ConvertError(f"{final}: is a folder")
     if final.exists() or final.is_symlink():
@@ -100,7 +108,42 @@ def file_output(out: str | os.PathLike, default_name: Callable[[], str], force: 
             raise ConvertError(f"{final}: refusing to replace it: it is {owner}")
         if not force:
             raise ConvertError(f"{final}: already exists (use --force to overwrite)")
+        if ours is not None and not ours(final):
+            raise ConvertError(f"{final}: was not written by minicpm-convert; it is never replaced, even with "
+                               "--force (move it away)")
+
+
+def file_output(out: str | os.PathLike, default_name: Callable[[], str], force: bool,
+                protected: Protected) -> Path:
+    """The file a command will write for OUT, checked against what it would replace."""
+    final = output_path(out, default_name)
+    _check_replace(final, force, protected, None)
     return final
+
+
+@dataclass(frozen=True)
+class FileSet:
+    """Files a command writes together (a GGUF, its split files, its model card): all of them
+    appear, or none. The first is the one a reader opens (llama.cpp a split set's first file)."""
+
+    files: tuple[Path, ...]
+    stale: tuple[Path, ...] = ()  # an earlier set of ours the new one supersedes: removed with the swap
+    name: Path | None = None  # what the temporaries are named after (default: the first file)
+
+
+def file_set(files: Iterable[tuple[Path, Callable[[Path], bool] | None]], force: bool, protected: Protected,
+             stale: Iterable[Path] = (), name: Path | None = None) -> FileSet:
+    """The files (final path, and `ours` when --force may replace only a file minicpm-convert
+    wrote there, None for any file) checked as `file_output` checks one; `stale`: files of an
+    earlier set of ours that the new one makes obsolete (removed once it is in place); `name`:
+    the output's name whatever the set (a split GGUF's unsplit name), for its temporaries."""
+    files = list(files)
+    for path, ours in files:
+        _check_replace(path, force, protected, ours)
+    stale = [p for p in stale if not protected.owner(p)]
+    if stale and not force:
+        raise ConvertError(f"{stale[0]}: an earlier export under this name (use --force to replace it)")
+    return FileSet(tuple(p for p, _ in files), tuple(stale), name)
 
 
 @dataclass(frozen=True)
@@ -110,6 +153,11 @@ class FolderTarget:
     path: Path
     old_files: frozenset[str] = frozenset()  # names listed in the old export's manifest
     replaces: bool = False
+
+    def keeps(self, name: str) -> bool:
+        """Whether the folder holds a file `name` a user added to an earlier export: it is kept, so
+        the new export must not bring one of its own."""
+        return self.replaces and name not in self.old_files and (self.path / name).exists()
 
 
 def read_manifest(folder: Path) -> list[str] | None:
@@ -258,6 +306,40 @@ def atomic_folder(target: FolderTarget) -> Iterator[Path]:
         for p in kept:
             os.replace(old / p.name, final / p.name)
         _remove(old)
+
+
+@contextmanager
+def atomic_files(target: FileSet) -> Iterator[Path]:
+    """Yield a temporary folder; the set's files, written into it under their final names, take
+    their places when the block completes. What they replace (and the set's stale files) first
+    moves aside, so that an old first file never meets new split files; the new files move in,
+    the first one last; then what was moved aside is deleted. A failure in between puts
+    everything back; a crash leaves the old files in `.NAME.old-PID`, never deleted automatically."""
+    first = target.files[0]
+    name = target.name or first
+    with _writing(name, folder=True) as tmp:
+        yield tmp
+        old = name.parent / f".{name.name}.old-{os.getpid()}"
+        aside = [p for p in (*target.files, *target.stale) if p.exists() or p.is_symlink()]
+        placed: list[Path] = []
+        try:
+            if aside:
+                old.mkdir()
+                for p in aside:
+                    os.replace(p, old / p.name)
+            for p in reversed(target.files):
+                os.replace(tmp / p.name, p)
+                placed.append(p)
+        except BaseException:
+            for p in placed:
+                os.replace(p, tmp / p.name)
+            for p in aside:
+                if (old / p.name).exists() or (old / p.name).is_symlink():
+                    os.replace(old / p.name, p)
+            _remove(old)
+            raise
+        _remove(old)
+        tmp.rmdir()
 
 
 def write_json_file(final: Path, payload: dict) -> None:

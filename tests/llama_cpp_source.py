@@ -32,9 +32,10 @@ def vendor_dir() -> Path:
     return tree
 
 
-def run_converter(model_dir: Path, out: Path, outtype: str, *, vocab_only: bool = False):
-    """llama.cpp's `convert_hf_to_gguf.py MODEL --outfile OUT --outtype TYPE` (f32, f16, bf16, q8_0),
-    with `--vocab-only` when asked: the finished process (its return code and output)."""
+def run_converter(model_dir: Path, out: Path, outtype: str, *options: str, vocab_only: bool = False):
+    """llama.cpp's `convert_hf_to_gguf.py MODEL --outfile OUT --outtype TYPE [OPTIONS]` (f32, f16,
+    bf16, q8_0; options such as --metadata FILE, --split-max-tensors N), with `--vocab-only` when
+    asked: the finished process (its return code and output)."""
     import pytest
 
     try:
@@ -45,12 +46,12 @@ def run_converter(model_dir: Path, out: Path, outtype: str, *, vocab_only: bool 
         pytest.skip(f"llama.cpp's converter is missing ({exc})")
     env = {**os.environ, "PYTHONPATH": str(tree / "gguf-py"), "NO_LOCAL_GGUF": ""}
     return subprocess.run([sys.executable, str(tree / "convert_hf_to_gguf.py"), str(model_dir), "--outfile", str(out),
-                           "--outtype", outtype, *(["--vocab-only"] if vocab_only else [])],
+                           "--outtype", outtype, *options, *(["--vocab-only"] if vocab_only else [])],
                           capture_output=True, text=True, env=env)
 
 
-def convert(model_dir: Path, out: Path, outtype: str, *, vocab_only: bool = False) -> Path:
+def convert(model_dir: Path, out: Path, outtype: str, *options: str, vocab_only: bool = False) -> Path:
     """The converter's file (the test fails with its error when it refuses the model)."""
-    r = run_converter(model_dir, out, outtype, vocab_only=vocab_only)
+    r = run_converter(model_dir, out, outtype, *options, vocab_only=vocab_only)
     assert r.returncode == 0, r.stderr[-2000:]
     return out

@@ -23,14 +23,14 @@ def _kquants():
 
 
 def llama_cpp_tools():
-    """The folder holding llama.cpp's llama-quantize and llama-imatrix, built from the source the
+    """The folder holding llama.cpp's llama-quantize, llama-imatrix and llama-gguf-split, built from the source the
     installed llama-cpp-python vendors by scripts/build_llama_cpp_tools.sh (CI builds it)."""
     import importlib.metadata
     from pathlib import Path
 
     cache = Path(os.environ.get("MINICPM_CONVERT_CACHE", Path.home() / ".cache" / "minicpm-convert"))
     folder = cache / f"llama.cpp-{importlib.metadata.version('llama-cpp-python')}" / "bin"
-    ok = all((folder / exe).is_file() for exe in ("llama-quantize", "llama-imatrix"))
+    ok = all((folder / exe).is_file() for exe in ("llama-quantize", "llama-imatrix", "llama-gguf-split"))
     return folder if ok else None
 
 
@@ -40,7 +40,7 @@ LOADERS = {
     "compressed_tensors": lambda: importlib.import_module("compressed_tensors"),
     "transformers": lambda: importlib.import_module("transformers"),
     "compiled kernels": _kquants,  # minicpm_convert's C extension
-    "llama.cpp tools": llama_cpp_tools,  # llama-quantize and llama-imatrix binaries
+    "llama.cpp tools": llama_cpp_tools,  # llama-quantize, llama-imatrix and llama-gguf-split binaries
 }
 
 

@@ -23,7 +23,8 @@ from ..spec import ModelSpec, load_config, spec_from_config
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.json", "added_tokens.json")
-HUB_PATTERNS = ["config.json", "generation_config.json", *TOKENIZER_FILES]
+# README.md: the model card, whose front matter gives a GGUF's general.* keys (license, tags, ...)
+HUB_PATTERNS = ["config.json", "generation_config.json", "README.md", *TOKENIZER_FILES]
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -38,6 +39,20 @@ def resolve(source: str | Path) -> Path:
     if not _REPO_ID.match(text) or text.startswith((".", "/")):
         raise ConvertError(f"{source}: no such folder (and not a Hugging Face repo id like 'openbmb/MiniCPM-2B-sft-bf16')")
     return _download(text)
+
+
+def hub_repo_id(source: str | Path, folder: Path) -> str | None:
+    """The Hub repo a checkpoint came from: SRC given as a repo id, or a folder of the Hugging Face
+    cache (`models--ORG--NAME/snapshots/REVISION`); None for any other local folder."""
+    text = str(source)
+    if not Path(source).exists() and _REPO_ID.match(text):
+        return text
+    parts = Path(os.path.abspath(folder)).parts
+    if len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith("models--"):
+        org, _, name = parts[-3].removeprefix("models--").partition("--")
+        if org and name and _REPO_ID.match(f"{org}/{name}"):
+            return f"{org}/{name}"
+    return None
 
 
 def _download(repo_id: str) -> Path:

@@ -22,19 +22,28 @@ from ..spec import ModelSpec
 _FILE_TYPE_NAMES = {ft.ftype: name for name, ft in FILE_TYPES.items()}
 
 
+def _open(path: Path) -> GGUFReader:
+    try:
+        return GGUFReader(path)
+    except Exception as exc:  # gguf-py fails with numpy/struct errors on damaged files
+        raise _unreadable(path, exc) from None
+
+
 class GgufSource:
+    """A GGUF file, or a split set given by its first file (`NAME-00001-of-00003.gguf`)."""
+
     def __init__(self, path: Path):
         self.path = Path(path)
-        try:
-            self.reader = GGUFReader(self.path)
-        except Exception as exc:  # gguf-py fails with numpy/struct errors on damaged files
-            raise _unreadable(self.path, exc) from None
+        self.reader = _open(self.path)
+        self.readers = [self.reader, *self._other_splits()]
         self.arch = self._str("general.architecture")
         self.version = int(self._field("GGUF.version"))
-        self.tensors = self.reader.tensors
+        self.tensors = [t for r in self.readers for t in r.tensors]
         self._by_hf: dict[str, object] = {}
         for t in self.tensors:
             try:
+                if gguf_to_hf(t.name) in self._by_hf:
+                    raise ConvertError(f"{self.path}: tensor '{t.name}' is stored twice")
                 self._by_hf[gguf_to_hf(t.name)] = t
             except KeyError:
                 if not t.name.startswith("rope_factors"):
@@ -43,6 +52,34 @@ class GgufSource:
         self.file_type_name = _FILE_TYPE_NAMES.get(ftype, f"ftype{ftype}")
         self.spec = self._spec()
         self._check_shapes()
+
+    def _other_splits(self) -> list[GGUFReader]:
+        """The other files of a split set (as llama.cpp finds them), each checked for its place."""
+        from ..formats.gguf.split import SPLIT_COUNT, SPLIT_NO, SPLIT_TENSORS, member_name, set_paths
+        count = self._field(SPLIT_COUNT, default=0)
+        if not isinstance(count, int) or count <= 1:
+            return []
+        no = self._field(SPLIT_NO, default=0)
+        if no != 0:
+            first = member_name(self.path.name.rsplit("-", 3)[0], 1, count)
+            raise ConvertError(f"{self.path}: is file {no + 1} of a split GGUF of {count}; give its first file "
+                               f"({first})")
+        readers = []
+        for i, path in enumerate(set_paths(self.path, count)[1:], 1):
+            if not path.is_file():
+                raise ConvertError(f"{path}: missing (file {i + 1} of the split GGUF {self.path.name})")
+            reader = _open(path)
+            place = tuple(reader.fields[k].contents() if k in reader.fields else None
+                          for k in (SPLIT_NO, SPLIT_COUNT))
+            if place != (i, count):
+                raise ConvertError(f"{path}: its {SPLIT_NO}/{SPLIT_COUNT} are {place[0]}/{place[1]}, file "
+                                   f"{i + 1} of {self.path.name}'s set must say {i}/{count}")
+            readers.append(reader)
+        n = len(self.reader.tensors) + sum(len(r.tensors) for r in readers)
+        if self._field(SPLIT_TENSORS, default=n) != n:
+            raise ConvertError(f"{self.path}: {SPLIT_TENSORS} is {self._field(SPLIT_TENSORS)}, the {count} files "
+                               f"hold {n} tensors")
+        return readers
 
     # -- metadata ----------------------------------------------------------------------------
     def _field(self, key: str, default=...):
@@ -167,11 +204,12 @@ class GgufSource:
             self._release_pages()
 
     def _release_pages(self) -> None:
-        """Drop the mapped file's pages from our resident set (they stay in the page cache): what
+        """Drop the mapped files' pages from our resident set (they stay in the page cache): what
         was read has been decoded into fresh memory, so RSS stays at one tensor, not the file."""
-        mapping = getattr(self.reader.data, "_mmap", None)
-        if mapping is not None and hasattr(mapping, "madvise"):
-            mapping.madvise(mmap.MADV_DONTNEED)
+        for reader in self.readers:
+            mapping = getattr(reader.data, "_mmap", None)
+            if mapping is not None and hasattr(mapping, "madvise"):
+                mapping.madvise(mmap.MADV_DONTNEED)
 
     def _read(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
         name = name.replace(".block_sparse_moe.", ".mlp.")

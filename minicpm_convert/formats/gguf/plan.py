@@ -588,6 +588,9 @@ def format_report(r: dict) -> str:
     lines.append(f"{len(rows)} tensors, {r['weights']:,} weights, {r['bits_per_weight']:.2f} bits per weight, "
                  f"{'file' if r['file_bytes'] else 'tensor data'} {size / 2**20:.2f} MiB ({size:,} bytes); "
                  f"{r['fallbacks']} fell back")
+    for k, f in enumerate(r.get("files", []), 1):  # a split set (to-gguf --split-max-*)
+        lines.append(f"file {k} of {len(r['files'])}: {f['tensors']} tensors, {f['bytes'] / 2**20:.2f} MiB "
+                     f"({f['bytes']:,} bytes)")
     if r["needs_imatrix"] and not r["importance_matrix"]:
         lines.append(f"warning: {len(r['needs_imatrix'])} tensors need an importance matrix (--imatrix FILE); "
                      f"writing this file will be refused without one")

@@ -22,7 +22,9 @@ from ...quants import quantize
 from ...sources.checkpoint import Checkpoint
 from ...stream import PARALLEL_CHUNK_VALUES, TensorJob, ordered_map
 from .layout import permute_rows
+from .metadata import GeneralMetadata, general_metadata
 from .plan import FileType, ModelFacts, Options, Plan, TensorChoice, make_plan, sort_key
+from .split import OUR_KEY, Split
 from .vocab import add_vocab
 
 
@@ -37,19 +39,25 @@ def gguf_jobs(ckpt: Checkpoint, arch: str) -> list[tuple[str, TensorJob]]:
     return sorted(named, key=lambda item: sort_key(item[0]))
 
 
-def add_metadata(w: GGUFWriter, ckpt: Checkpoint, arch: str, ft: FileType, source: str) -> None:
+def add_metadata(w: GGUFWriter, ckpt: Checkpoint, arch: str, ft: FileType, general: GeneralMetadata) -> None:
+    """Every key but the imatrix provenance, in llama.cpp's converter's order: general.*, ours,
+    the architecture's, file type, vocabulary."""
     spec = ckpt.spec
-    w.add_type("model")
-    w.add_name(Path(source.rstrip("/")).name or "MiniCPM")
-    w.add_quantized_by(f"minicpm-convert {__version__}")
-    if not Path(source).exists():  # a Hub repo id
-        w.add_source_repo_url(f"https://huggingface.co/{source}")
-    w.add_string("minicpm_convert.version", __version__)
+    general.write(w)
+    w.add_string(OUR_KEY, __version__)
     w.add_string("minicpm_convert.arch", arch)
     family_of(spec).gguf_metadata(w, spec, arch)
     w.add_file_type(int(ft.ftype))
     w.add_quantization_version(2)
     add_vocab(w, ckpt.folder, spec.vocab_size)
+
+
+def source_metadata(ckpt: Checkpoint, arch: str, source: str, **kwargs) -> GeneralMetadata:
+    """The general.* keys for SRC `source` (kwargs: general_metadata's --metadata/--model-name)."""
+    from ...sources.checkpoint import hub_repo_id
+    jobs = gguf_jobs(ckpt, arch)
+    return general_metadata(ckpt.folder, [(n, tuple(j.shape)) for n, j in jobs],
+                            repo_id=hub_repo_id(source, ckpt.folder), **kwargs)
 
 
 def encode(rows: torch.Tensor, qtype: T, qw: np.ndarray | None = None, first: int = 0) -> np.ndarray:
@@ -124,10 +132,34 @@ def row_bytes(qtype: T, ncols: int) -> int:
     return ncols // block * size
 
 
-def _header(ckpt, arch, ft, source, jobs, plan, imatrix) -> GGUFWriter:
-    """A writer holding the metadata and tensor index of the file (no data yet)."""
-    w = GGUFWriter(None, arch)
-    add_metadata(w, ckpt, arch, ft, source)
+def _tensor_index(w: GGUFWriter, jobs, plan) -> None:
+    """Each tensor's name, shape, type and size (the writer also assigns it to a split file)."""
+    for name, job in jobs:
+        nbytes = (job.rows * job.row_values // job.shape[-1] * row_bytes(plan[name], job.shape[-1])
+                  if len(job.shape) > 1 else job.rows * 4)  # rows of all experts for a 3-D stack
+        w.add_tensor_info(name, job.shape, np.dtype(np.float32), nbytes, raw_dtype=plan[name])
+
+
+def _writer(arch: str, split: Split | None) -> GGUFWriter:
+    import logging
+    logging.getLogger("gguf.gguf_writer").setLevel(logging.ERROR)  # "not splitting": one file, as asked
+    split = split or Split()
+    return GGUFWriter(None, arch, split_max_tensors=split.max_tensors, split_max_size=split.max_bytes)
+
+
+def file_count(ckpt: Checkpoint, arch: str | None, options: Options, split: Split) -> int:
+    """How many files the GGUF takes with these split limits (1: not split)."""
+    arch = file_arch(ckpt, arch)
+    jobs = gguf_jobs(ckpt, arch)
+    w = _writer(arch, split)
+    _tensor_index(w, jobs, make_plan(model_facts(ckpt, arch, jobs), options).types())
+    return len(w.tensors)
+
+
+def _header(ckpt, arch, ft, general, jobs, plan, imatrix, split=None) -> GGUFWriter:
+    """A writer holding the metadata and tensor index of the file(s) (no data yet)."""
+    w = _writer(arch, split)
+    add_metadata(w, ckpt, arch, ft, general)
     if imatrix is not None:  # the provenance keys llama-quantize adds (tools/quantize, kv overrides)
         w.add_string("quantize.imatrix.file", str(imatrix.path)[:127])
         if imatrix.datasets:
@@ -135,16 +167,14 @@ def _header(ckpt, arch, ft, source, jobs, plan, imatrix) -> GGUFWriter:
         w.add_uint32("quantize.imatrix.entries_count", len(imatrix.entries))
         if imatrix.chunk_count > 0:
             w.add_uint32("quantize.imatrix.chunks_count", imatrix.chunk_count)
-    for name, job in jobs:
-        nbytes = (job.rows * job.row_values // job.shape[-1] * row_bytes(plan[name], job.shape[-1])
-                  if len(job.shape) > 1 else job.rows * 4)  # rows of all experts for a 3-D stack
-        w.add_tensor_info(name, job.shape, np.dtype(np.float32), nbytes, raw_dtype=plan[name])
+    _tensor_index(w, jobs, plan)
     return w
 
 
-def dry_run(ckpt: Checkpoint, arch: str | None, source: str, options: Options, imatrix=None) -> dict:
+def dry_run(ckpt: Checkpoint, arch: str | None, source: str, options: Options, imatrix=None, *,
+            general: GeneralMetadata | None = None, split: Split | None = None) -> dict:
     """llama-quantize --dry-run: the plan report (type per tensor, fallbacks, bits per weight and
-    the exact file size) without quantizing anything."""
+    the exact file size; with split limits, each file's) without quantizing anything."""
     import tempfile
 
     from .plan import report
@@ -152,23 +182,33 @@ def dry_run(ckpt: Checkpoint, arch: str | None, source: str, options: Options, i
     arch = file_arch(ckpt, arch)
     jobs = gguf_jobs(ckpt, arch)
     chosen = make_plan(model_facts(ckpt, arch, jobs), options)
-    w = _header(ckpt, arch, options.file_type, source, jobs, chosen.types(), imatrix)
+    w = _header(ckpt, arch, options.file_type, general or source_metadata(ckpt, arch, source), jobs,
+                chosen.types(), imatrix, split)
     with tempfile.TemporaryDirectory() as tmp:
         w.write_header_to_file(Path(tmp) / "header.gguf")
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
-        size = w.fout[0].tell()
+        heads = [f.tell() for f in w.fout]
         w.close()
-    return report(chosen, size)
+    found = report(chosen, heads[0])
+    if len(heads) > 1:
+        pad = lambda n: -(-n // 32) * 32  # noqa: E731 - GGUF's default alignment
+        found["files"] = [{"tensors": len(t), "bytes": pad(h) + sum(pad(ti.nbytes) for ti in t.values())}
+                          for h, t in zip(heads, w.tensors)]
+        found["file_bytes"] = sum(f["bytes"] for f in found["files"])
+    return found
 
 
 def write_gguf(ckpt: Checkpoint, out: Path, ft: FileType, arch: str | None, source: str, *, quiet: bool = False,
-               threads: int | None = None, options: Options | None = None, imatrix=None) -> dict[str, T]:
-    """Write the GGUF file at `out`; return the type chosen for each tensor.
+               threads: int | None = None, options: Options | None = None, imatrix=None,
+               general: GeneralMetadata | None = None, split: Split | None = None) -> dict[str, T]:
+    """Write the GGUF file at `out` (with split limits, the set `out`'s stem names, beside it:
+    formats/gguf/split.py); return the type chosen for each tensor.
 
     `arch`: the requested architecture (None: the family's own).
     `options`: llama-quantize's per-tensor options (default: none, for file type `ft`);
     `imatrix`: an ImportanceMatrix (formats.gguf.imatrix) or None.
+    `general`: the general.* keys (default: llama.cpp's converter's for `source`).
     `threads`: worker threads (default: every CPU, see stream.worker_threads); the file's bytes
     are the same for any count."""
     arch = file_arch(ckpt, arch)
@@ -179,11 +219,11 @@ def write_gguf(ckpt: Checkpoint, out: Path, ft: FileType, arch: str | None, sour
         imatrix.check_finite()
     qws = {t.name: tensor_importance(t, imatrix) for t in chosen.tensors}
     plan = chosen.types()
-    w = _header(ckpt, arch, ft, source, jobs, plan, imatrix)
+    w = _header(ckpt, arch, ft, general or source_metadata(ckpt, arch, source), jobs, plan, imatrix, split)
     w.write_header_to_file(out)
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
-    f = w.fout[0]
+    file_of = {name: w.fout[k] for k, tensors in enumerate(w.tensors) for name in tensors}
     total = sum(j.rows * j.row_values * 4 for _, j in jobs)
 
     def work():  # (tensor index, is its last chunk, work item) in file order
@@ -201,6 +241,7 @@ def write_gguf(ckpt: Checkpoint, out: Path, ft: FileType, arch: str | None, sour
         results = ordered_map(_encode_chunk, [it for _, _, it in items], threads)
         current = -1
         for (i, last, _), (data, nbytes) in zip(items, results):
+            f = file_of[jobs[i][0]]
             if i != current:
                 w.write_padding(f, f.tell())
                 current = i
