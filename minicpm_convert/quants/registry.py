@@ -84,6 +84,11 @@ _tables_lock = threading.Lock()
 _tables_loaded: set[QT] = set()
 
 
+def compiled_module():
+    """The compiled extension, or None when it is not built or MINICPM_CONVERT_NO_C is set."""
+    return _compiled if use_compiled else None
+
+
 def compiled_types() -> frozenset[QT]:
     """The types the built extension implements (empty when it is not built)."""
     return frozenset(QT(t) for t in getattr(_compiled, "TYPES", ())) if _compiled is not None else frozenset()

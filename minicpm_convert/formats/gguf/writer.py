@@ -20,7 +20,7 @@ from ...families import family_of
 from ...progress import progress_bar
 from ...quants import quantize
 from ...sources.checkpoint import Checkpoint
-from ...stream import PARALLEL_CHUNK_VALUES, TensorJob, ordered_map
+from ...stream import PARALLEL_CHUNK_VALUES, Scratch, TensorJob, ordered_map
 from .layout import permute_rows
 from .plan import FileType, ModelFacts, Options, Plan, TensorChoice, make_plan, sort_key
 from .vocab import add_vocab
@@ -94,18 +94,14 @@ def tensor_importance(t: TensorChoice, imatrix) -> np.ndarray | None:
     return qw
 
 
-def _encode_chunk(item) -> tuple[bytes | np.ndarray, int]:
+def _encode_chunk(item, buf: Scratch) -> tuple[bytes | np.ndarray, int]:
     """One unit of work for the pool: read rows, permute Q/K, quantize. Thread-safe."""
     job, start, stop, heads, qtype, qw = item
     float_type = FLOAT_TYPES.get(qtype)
-    if float_type is not None and job.read_stored is not None:
-        # A float file from unchanged values: cast the stored rows directly (torch rounds to
-        # nearest-even exactly as the float32 path does; checked on every bf16 value in the tests).
-        rows = job.read_stored(start, stop)
-        if heads:
-            rows = permute_rows(rows, heads)
-        out = rows.to(float_type).contiguous()
-        return (out.view(torch.int16) if float_type is torch.bfloat16 else out).numpy(), rows.numel() * 4
+    if float_type is not None:
+        # A float type: read, permuted and cast in one pass into buf (stream.TensorJob.read_as).
+        out = job.read_as(start, stop, float_type, heads, buf)
+        return (out.view(torch.int16) if float_type is torch.bfloat16 else out).numpy(), out.numel() * 4
     rows = job.read(start, stop)
     if heads:
         rows = permute_rows(rows, heads)
@@ -198,7 +194,7 @@ def write_gguf(ckpt: Checkpoint, out: Path, ft: FileType, arch: str | None, sour
     with progress_bar(f"to-gguf {ft.name}", total, len(jobs), quiet=quiet) as advance:
         # Threads read and quantize chunks; this thread writes them in file order, so the bytes
         # do not depend on the thread count.
-        results = ordered_map(_encode_chunk, [it for _, _, it in items], threads)
+        results = ordered_map(_encode_chunk, [it for _, _, it in items], threads, scratch=True)
         current = -1
         for (i, last, _), (data, nbytes) in zip(items, results):
             if i != current:
