@@ -21,7 +21,6 @@ from ...progress import progress_bar
 from ...quants import quantize
 from ...sources.checkpoint import Checkpoint
 from ...stream import PARALLEL_CHUNK_VALUES, Scratch, TensorJob, ordered_map
-from .layout import permute_rows
 from .plan import FileType, ModelFacts, Options, Plan, TensorChoice, make_plan, sort_key
 from .vocab import add_vocab
 
@@ -102,9 +101,8 @@ def _encode_chunk(item, buf: Scratch) -> tuple[bytes | np.ndarray, int]:
         # A float type: read, permuted and cast in one pass into buf (stream.TensorJob.read_as).
         out = job.read_as(start, stop, float_type, heads, buf)
         return (out.view(torch.int16) if float_type is torch.bfloat16 else out).numpy(), out.numel() * 4
-    rows = job.read(start, stop)
-    if heads:
-        rows = permute_rows(rows, heads)
+    # float32 rows for the quantizer, read, folded, permuted and checked in one pass into buf
+    rows = job.read_as(start, stop, torch.float32, heads, buf)
     try:
         return encode(rows, qtype, qw, start), rows.numel() * 4
     except ValueError as e:  # a quantizer refusing what llama.cpp cannot quantize either
