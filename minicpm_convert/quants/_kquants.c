@@ -6,8 +6,8 @@
  *   set_tables(type, grid, index, start, count, flat)               (IQ codebooks, once)
  *   f16(src_f32, dst_f16)                                            (GGML_FP32_TO_FP16)
  *   convert(src, src_kind, dst, dst_kind, cols, factor, divisor, half_head) -> rows with NaN/Inf
- *   simd(level=None) -> the instruction set in use (0 portable C, 1 AVX2 + F16C); another
- *                       level (at most the CPU's) may be set, for tests of the portable code
+ *   simd(level=None) -> the instruction set in use (0 portable C, 1 AVX2 + F16C, 2 also
+ *                       AVX-512F); another level (at most the CPU's) may be set, for tests
  *   TYPES: the ggml type numbers implemented
  */
 #define PY_SSIZE_T_CLEAN

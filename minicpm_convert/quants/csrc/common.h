@@ -157,8 +157,13 @@ enum { MC_F32 = 0, MC_F16 = 1, MC_BF16 = 2 };
 int64_t mc_convert(const void *x, int sk, void *y, int dk, int64_t rows, int64_t cols, const float *factor,
                    const float *divisor, int64_t half_head);
 
-/* The instruction set the kernels use (0 portable C, 1 AVX2 + F16C): the best this CPU supports
- * (mc_simd_supported), unless tests set mc_simd_level lower to run the portable code. */
+/* The instruction set the kernels use: 0 portable C, 1 AVX2 + F16C (the float casts), 2 also
+ * AVX-512F (16-lane searches); the best this CPU supports (mc_simd_supported), unless tests set
+ * mc_simd_level lower to run the other code. (The lane searches' AVX2 / SSE2 choice below 2 is
+ * target_clones', see lanes.h.) Every level gives the same bits. */
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define MC_HAVE_AVX512 1 /* searches_avx512.c is compiled */
+#endif
 extern int mc_simd_level;
 int mc_simd(void);
 int mc_simd_supported(void);

@@ -18,13 +18,16 @@
 #endif
 
 static int simd_best = -1;
-int mc_simd_level = -1; /* -1 not chosen yet, 0 portable C, 1 AVX2 + F16C */
+int mc_simd_level = -1; /* -1 not chosen yet, else 0, 1, 2: see common.h */
 
 int mc_simd_supported(void) {
     if (simd_best < 0) {
 #ifdef MC_X86
         __builtin_cpu_init();
         simd_best = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c") ? 1 : 0;
+#ifdef MC_HAVE_AVX512
+        if (simd_best == 1 && __builtin_cpu_supports("avx512f")) simd_best = 2;
+#endif
 #else
         simd_best = 0;
 #endif
