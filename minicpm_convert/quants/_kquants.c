@@ -2,7 +2,8 @@
  * llama.cpp's ggml_quantize_chunk with and without an importance array.  Reached only through
  * minicpm_convert.quants.registry, which keeps the NumPy ports as their oracle.
  *
- *   quantize(type, src_f32, dst_u8, n_per_row, imatrix_f32_or_None)  (releases the GIL)
+ *   quantize(type, src_f32, dst_u8, n_per_row, imatrix_f32_or_None) -> NaN/Inf count (0: written;
+ *                                                                  else nothing is; GIL released)
  *   set_tables(type, grid, index, start, count, flat)               (IQ codebooks, once)
  *   f16(src_f32, dst_f16)                                            (GGML_FP32_TO_FP16)
  *   convert(src, src_kind, dst, dst_kind, cols, factor, divisor, half_head) -> rows with NaN/Inf
@@ -70,10 +71,13 @@ static PyObject *py_quantize(PyObject *self, PyObject *args) {
     else if (dst.len != nrows * row_out) bad = "destination size is wrong";
     else if (has_qw && qw.len != row_values * (Py_ssize_t)sizeof(float)) bad = "importance array is not one float32 per column";
     int rc = 0;
+    int64_t nonfinite = 0;
     if (!bad) {
         Py_BEGIN_ALLOW_THREADS
-        rc = k->fn((const float *)src.buf, (uint8_t *)dst.buf, (int64_t)nrows, (int64_t)n_per_row,
-                   has_qw ? (const float *)qw.buf : NULL);
+        nonfinite = mc_count_nonfinite((const float *)src.buf, (int64_t)nrows * (int64_t)n_per_row);
+        if (!nonfinite)
+            rc = k->fn((const float *)src.buf, (uint8_t *)dst.buf, (int64_t)nrows, (int64_t)n_per_row,
+                       has_qw ? (const float *)qw.buf : NULL);
         Py_END_ALLOW_THREADS
     }
     PyBuffer_Release(&src);
@@ -84,7 +88,7 @@ static PyObject *py_quantize(PyObject *self, PyObject *args) {
     if (rc < 0)
         return PyErr_Format(PyExc_ValueError, "ggml type %d: no codebook point within float range "
                             "(llama.cpp aborts on this input)", type);
-    Py_RETURN_NONE;
+    return PyLong_FromLongLong(nonfinite);
 }
 
 static void *copy_buffer(PyObject *obj, Py_ssize_t itemsize, Py_ssize_t *n) {
@@ -215,7 +219,8 @@ static PyObject *py_simd(PyObject *self, PyObject *args) {
 
 static PyMethodDef methods[] = {
     {"quantize", py_quantize, METH_VARARGS,
-     "quantize(type, src_f32, dst_u8, n_per_row, imatrix_or_None): ggml_quantize_chunk's bytes (GIL released)."},
+     "quantize(type, src_f32, dst_u8, n_per_row, imatrix_or_None): ggml_quantize_chunk's bytes unless the "
+     "source holds NaN/Inf; returns their count (GIL released)."},
     {"set_tables", py_set_tables, METH_VARARGS, "set_tables(type, grid, index, start, count, flat): IQ codebook."},
     {"f16", py_f16, METH_VARARGS, "f16(src_f32, dst_f16): float32 -> float16, nearest even (GIL released)."},
     {"convert", py_convert, METH_VARARGS,

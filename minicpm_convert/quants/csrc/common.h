@@ -151,6 +151,9 @@ typedef struct {
 /* ---- convert.c: float tensors in one pass ---- */
 enum { MC_F32 = 0, MC_F16 = 1, MC_BF16 = 2 };
 
+/* The number of NaN and Inf among n floats (a block quantizer's input check). */
+int64_t mc_count_nonfinite(const float *x, int64_t n);
+
 /* rows x cols values of kind sk -> kind dk (times *factor, over *divisor when not NULL); with
  * half_head > 0 the rows go to ggml's rope layout (heads of 2 * half_head rows). Returns the
  * number of rows holding NaN or Inf (their output is unspecified). */

@@ -12,6 +12,8 @@
 
 #include <stdlib.h>
 
+#include "lanes.h"
+
 #if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
 #include <immintrin.h>
 #define MC_X86 1
@@ -186,6 +188,14 @@ static int row(const void *x, int sk, void *y, int dk, int64_t n, const float *f
 #endif
     if (!op && sk == dk) return row_copy(x, sk, y, n);
     return row_scalar(x, sk, y, dk, n, factor, divisor);
+}
+
+LANES_ATTR
+int64_t mc_count_nonfinite(const float *x, int64_t n) {
+    const uint32_t *u = (const uint32_t *)x;
+    int64_t bad = 0;
+    for (int64_t i = 0; i < n; ++i) bad += (u[i] & 0x7F800000u) == 0x7F800000u;
+    return bad;
 }
 
 int64_t mc_convert(const void *x, int sk, void *y, int dk, int64_t rows, int64_t cols, const float *factor,
