@@ -182,10 +182,10 @@ def write_gguf(ckpt: Checkpoint, out: Path, ft: FileType, arch: str | None, sour
 
     def work():  # (tensor index, is its last chunk, work item) in file order
         for i, (name, job) in enumerate(jobs):
-            heads = job.rope_heads
-            # a permutation needs whole heads
-            chunks = [(0, job.rows)] if heads else list(job.chunks(PARALLEL_CHUNK_VALUES))
+            head_rows = job.rows // job.rope_heads if job.rope_heads else 1
+            chunks = list(job.chunks(PARALLEL_CHUNK_VALUES, head_rows))  # a permutation needs whole heads
             for k, (start, stop) in enumerate(chunks):
+                heads = (stop - start) // head_rows if job.rope_heads else None  # in this chunk
                 yield i, k == len(chunks) - 1, (job, start, stop, heads, plan[name], qws[name])
 
     items = list(work())
