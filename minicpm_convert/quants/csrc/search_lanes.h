@@ -62,78 +62,102 @@ static void qx_lanes(const float *g, const float *qw, int n, int nmax, float *sc
     for (int k = 0; k < NL; ++k) scale_out[k] = scale[k];
 }
 
-/* make_qkx2_quants(n, nmax, x, w, L, &the_min, Laux, rmin, rdelta, nstep, use_mad) for NL groups. */
+/* make_qkx2_quants(n, nmax, x, w, L, &the_min, Laux, rmin, rdelta, nstep, use_mad) for QH groups:
+ * QH_V vectors of NL lanes side by side in every loop, so that the CPU overlaps their sums (each
+ * sum is a chain of dependent additions, which a single vector would wait on). */
+#define QH_V 2
+#define QH (QH_V * NL)
 LANES_ATTR
 static void qkx_lanes(const float *x, const float *w, int n, int nmax, float rmin, float rdelta, int nstep,
                       int use_mad, float *scale_out, float *min_out, uint8_t *L) {
-    vf X[32], W[32], T[32];
+    vf X[32][QH_V], W[32][QH_V], T[32][QH_V];
+    vf lo[QH_V], hi[QH_V], sw[QH_V], swx[QH_V], lo0[QH_V], den[QH_V], inv[QH_V], scale[QH_V], best[QH_V];
+    vf l_inv[QH_V], l_lo[QH_V], s_l[QH_V], s_l2[QH_V], s_xl[QH_V], err[QH_V], det[QH_V], sc[QH_V], mn[QH_V];
+    vi early[QH_V];
     const vi v0 = vsplati(0), vnmax = vsplati(nmax);
     const vf zero = vsplat(0.0f), one = vsplat(1.0f);
-    for (int i = 0; i < n; ++i)
-        for (int k = 0; k < NL; ++k) {
-            X[i][k] = x[n * k + i];
-            W[i][k] = w[n * k + i];
+    for (int h = 0; h < QH_V; ++h)
+        for (int i = 0; i < n; ++i)
+            for (int k = 0; k < NL; ++k) {
+                X[i][h][k] = x[n * (NL * h + k) + i];
+                W[i][h][k] = w[n * (NL * h + k) + i];
+            }
+    for (int h = 0; h < QH_V; ++h) {
+        lo[h] = X[0][h], hi[h] = X[0][h], sw[h] = W[0][h];
+        swx[h] = sw[h] * X[0][h];
+    }
+    for (int i = 1; i < n; ++i)
+        for (int h = 0; h < QH_V; ++h) {
+            lo[h] = vsel(X[i][h] < lo[h], X[i][h], lo[h]);
+            hi[h] = vsel(X[i][h] > hi[h], X[i][h], hi[h]);
+            sw[h] += W[i][h];
+            swx[h] += W[i][h] * X[i][h];
         }
-    vf lo = X[0], hi = X[0], sw = W[0];
-    vf swx = sw * X[0];
-    for (int i = 1; i < n; ++i) {
-        lo = vsel(X[i] < lo, X[i], lo);
-        hi = vsel(X[i] > hi, X[i], hi);
-        sw += W[i];
-        swx += W[i] * X[i];
+    for (int h = 0; h < QH_V; ++h) {
+        lo[h] = vsel(lo[h] > zero, zero, lo[h]);
+        early[h] = hi[h] == lo[h];
+        lo0[h] = lo[h];
+        den[h] = vsel(early[h], one, hi[h] - lo[h]);
+        inv[h] = vsplat((float)nmax) / den[h];
+        scale[h] = one / inv[h];
+        best[h] = zero;
+        l_inv[h] = inv[h], l_lo[h] = lo[h];
     }
-    lo = vsel(lo > zero, zero, lo);
-    const vi early = hi == lo;
-    const vf lo0 = lo;
-    vf den = vsel(early, one, hi - lo);
-    vf inv = vsplat((float)nmax) / den;
-    vf scale = one / inv;
-    vf best = zero;
-    vf l_inv = inv, l_lo = lo;
-    for (int i = 0; i < n; ++i) {
-        vf e = scale * vlevel(inv * (X[i] - lo), v0, vnmax) + lo - X[i];
-        e = use_mad ? vabs(e) : e * e;
-        best += W[i] * e;
-    }
+    for (int i = 0; i < n; ++i)
+        for (int h = 0; h < QH_V; ++h) {
+            vf e = scale[h] * vlevel(inv[h] * (X[i][h] - lo[h]), v0, vnmax) + lo[h] - X[i][h];
+            e = use_mad ? vabs(e) : e * e;
+            best[h] += W[i][h] * e;
+        }
     for (int step = 0; step <= nstep; ++step) {
         const float num = rmin + rdelta * (float)step + (float)nmax;
-        inv = vsplat(num) / den;
-        vf s_l = zero, s_l2 = zero, s_xl = zero, err = zero;
-        for (int i = 0; i < n; ++i) {
-            const vf fl = vlevel(inv * (X[i] - lo), v0, vnmax);
-            const vf wl = W[i] * fl;
-            T[i] = fl;
-            s_l += wl;
-            s_l2 += wl * fl;
-            s_xl += wl * X[i];
+        for (int h = 0; h < QH_V; ++h) {
+            inv[h] = vsplat(num) / den[h];
+            s_l[h] = zero, s_l2[h] = zero, s_xl[h] = zero, err[h] = zero;
         }
-        const vf det = sw * s_l2 - s_l * s_l;
-        const vf a = (sw * s_xl - swx * s_l) / det;
-        const vf b = (s_l2 * swx - s_l * s_xl) / det;
-        const vi pos = b > zero;
-        const vf sc = vsel(pos, s_xl / s_l2, a);
-        const vf mn = vsel(pos, zero, b);
-        for (int i = 0; i < n; ++i) {
-            vf e = sc * T[i] + mn - X[i];
-            e = use_mad ? vabs(e) : e * e;
-            err += W[i] * e;
+        for (int i = 0; i < n; ++i)
+            for (int h = 0; h < QH_V; ++h) {
+                const vf fl = vlevel(inv[h] * (X[i][h] - lo[h]), v0, vnmax);
+                const vf wl = W[i][h] * fl;
+                T[i][h] = fl;
+                s_l[h] += wl;
+                s_l2[h] += wl * fl;
+                s_xl[h] += wl * X[i][h];
+            }
+        for (int h = 0; h < QH_V; ++h) {
+            det[h] = sw[h] * s_l2[h] - s_l[h] * s_l[h];
+            const vf a = (sw[h] * s_xl[h] - swx[h] * s_l[h]) / det[h];
+            const vf b = (s_l2[h] * swx[h] - s_l[h] * s_xl[h]) / det[h];
+            const vi pos = b > zero;
+            sc[h] = vsel(pos, s_xl[h] / s_l2[h], a);
+            mn[h] = vsel(pos, zero, b);
         }
-        const vi better = (det > zero) & (err < best) & ~early;
-        best = vsel(better, err, best);
-        scale = vsel(better, sc, scale);
-        l_inv = vsel(better, inv, l_inv);
-        l_lo = vsel(better, lo, l_lo);
-        lo = vsel(better, mn, lo);
-        den = vsel(better, hi - mn, den);
+        for (int i = 0; i < n; ++i)
+            for (int h = 0; h < QH_V; ++h) {
+                vf e = sc[h] * T[i][h] + mn[h] - X[i][h];
+                e = use_mad ? vabs(e) : e * e;
+                err[h] += W[i][h] * e;
+            }
+        for (int h = 0; h < QH_V; ++h) {
+            const vi better = (det[h] > zero) & (err[h] < best[h]) & ~early[h];
+            best[h] = vsel(better, err[h], best[h]);
+            scale[h] = vsel(better, sc[h], scale[h]);
+            l_inv[h] = vsel(better, inv[h], l_inv[h]);
+            l_lo[h] = vsel(better, lo[h], l_lo[h]);
+            lo[h] = vsel(better, mn[h], lo[h]);
+            den[h] = vsel(better, hi[h] - mn[h], den[h]);
+        }
     }
-    for (int k = 0; k < NL; ++k) {
-        scale_out[k] = early[k] ? 0.0f : scale[k];
-        min_out[k] = early[k] ? -lo0[k] : -lo[k];
-    }
-    for (int i = 0; i < n; ++i) {
-        const vf l = vsel(early, zero, vlevel(l_inv * (X[i] - l_lo), v0, vnmax));
-        for (int k = 0; k < NL; ++k) L[n * k + i] = (uint8_t)l[k];
-    }
+    for (int h = 0; h < QH_V; ++h)
+        for (int k = 0; k < NL; ++k) {
+            scale_out[NL * h + k] = early[h][k] ? 0.0f : scale[h][k];
+            min_out[NL * h + k] = early[h][k] ? -lo0[h][k] : -lo[h][k];
+        }
+    for (int i = 0; i < n; ++i)
+        for (int h = 0; h < QH_V; ++h) {
+            const vf l = vsel(early[h], zero, vlevel(l_inv[h] * (X[i][h] - l_lo[h]), v0, vnmax));
+            for (int k = 0; k < NL; ++k) L[n * (NL * h + k) + i] = (uint8_t)l[k];
+        }
 }
 
 /* Run a lane search over any number of groups: whole batches of NL in place, the rest through a
@@ -153,14 +177,14 @@ void LANES_FN(mc_qx)(const float *x, const float *qw, int64_t ngroups, int n, in
     }
 }
 
-void LANES_FN(mc_qkx)(const float *x, const float *w, int64_t ngroups, int n, int nmax, float rmin, float rdelta, int nstep,
-            int use_mad, float *scale, float *the_min, uint8_t *L) {
+void LANES_FN(mc_qkx)(const float *x, const float *w, int64_t ngroups, int n, int nmax, float rmin, float rdelta,
+                      int nstep, int use_mad, float *scale, float *the_min, uint8_t *L) {
     int64_t g = 0;
-    for (; g + NL <= ngroups; g += NL)
+    for (; g + QH <= ngroups; g += QH)
         qkx_lanes(x + n * g, w + n * g, n, nmax, rmin, rdelta, nstep, use_mad, scale + g, the_min + g, L + n * g);
     if (g < ngroups) {
-        float xb[NL * 32] = {0}, wb[NL * 32] = {0}, sb[NL], mb[NL];
-        uint8_t lb[NL * 32];
+        float xb[QH * 32] = {0}, wb[QH * 32] = {0}, sb[QH], mb[QH];
+        uint8_t lb[QH * 32];
         const int64_t rest = ngroups - g;
         memcpy(xb, x + n * g, sizeof(float) * (size_t)(n * rest));
         memcpy(wb, w + n * g, sizeof(float) * (size_t)(n * rest));
