@@ -21,6 +21,7 @@ from ...progress import progress_bar
 from ...quants import quantize
 from ...sources.checkpoint import Checkpoint
 from ...stream import PARALLEL_CHUNK_VALUES, Scratch, TensorJob, ordered_map
+from .packing import ArrayPackingWriter
 from .plan import FileType, ModelFacts, Options, Plan, TensorChoice, make_plan, sort_key
 from .vocab import add_vocab
 
@@ -120,7 +121,7 @@ def row_bytes(qtype: T, ncols: int) -> int:
 
 def _header(ckpt, arch, ft, source, jobs, plan, imatrix) -> GGUFWriter:
     """A writer holding the metadata and tensor index of the file (no data yet)."""
-    w = GGUFWriter(None, arch)
+    w = ArrayPackingWriter(None, arch)  # gguf-py's writer, vocabulary arrays packed whole
     add_metadata(w, ckpt, arch, ft, source)
     if imatrix is not None:  # the provenance keys llama-quantize adds (tools/quantize, kv overrides)
         w.add_string("quantize.imatrix.file", str(imatrix.path)[:127])
