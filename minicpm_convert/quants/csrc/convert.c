@@ -122,30 +122,26 @@ __attribute__((target("avx2"))) static int row_copy_avx2(const void *x, int sk, 
            row_copy((const char *)x + i, sk, (char *)y + i, n - done);
 }
 
-__attribute__((target("avx2,f16c"))) static int row_bf16_f16_avx2(const uint16_t *x, uint16_t *y, int64_t n) {
+/* 8 values at x + i as float32 bits: bf16 widened (exactly), float32 as stored. */
+__attribute__((target("avx2"))) static inline __m256i load8(const void *x, int sk, int64_t i) {
+    if (sk == MC_BF16)
+        return _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)x + i))), 16);
+    return _mm256_loadu_si256((const __m256i *)((const float *)x + i));
+}
+
+/* bf16 or f32 -> f16 (vcvtps2ph, nearest even). */
+__attribute__((target("avx2,f16c"))) static int row_f16_avx2(const void *x, int sk, uint16_t *y, int64_t n) {
     const __m256i exp = _mm256_set1_epi32(0x7F800000);
     __m256i bad = _mm256_setzero_si256();
     int64_t i = 0;
     for (; i + 8 <= n; i += 8) {
-        const __m256i w = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(x + i))), 16);
+        const __m256i w = load8(x, sk, i);
         bad = _mm256_or_si256(bad, _mm256_cmpeq_epi32(_mm256_and_si256(w, exp), exp));
         _mm_storeu_si128((__m128i *)(y + i),
                          _mm256_cvtps_ph(_mm256_castsi256_ps(w), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
     }
-    return (!_mm256_testz_si256(bad, bad)) | row_scalar(x + i, MC_BF16, y + i, MC_F16, n - i, NULL, NULL);
-}
-
-__attribute__((target("avx2,f16c"))) static int row_f32_f16_avx2(const float *x, uint16_t *y, int64_t n) {
-    const __m256i exp = _mm256_set1_epi32(0x7F800000);
-    __m256i bad = _mm256_setzero_si256();
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8) {
-        const __m256 v = _mm256_loadu_ps(x + i);
-        const __m256i w = _mm256_castps_si256(v);
-        bad = _mm256_or_si256(bad, _mm256_cmpeq_epi32(_mm256_and_si256(w, exp), exp));
-        _mm_storeu_si128((__m128i *)(y + i), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-    }
-    return (!_mm256_testz_si256(bad, bad)) | row_scalar(x + i, MC_F32, y + i, MC_F16, n - i, NULL, NULL);
+    return (!_mm256_testz_si256(bad, bad)) |
+           row_scalar((const char *)x + i * (sk == MC_F32 ? 4 : 2), sk, y + i, MC_F16, n - i, NULL, NULL);
 }
 
 /* bf16 -> float32, times/over a constant, -> bf16 or f32: the fold of muP scalars. */
@@ -157,7 +153,7 @@ __attribute__((target("avx2"))) static int row_bf16_fold_avx2(const uint16_t *x,
     __m256i bad = _mm256_setzero_si256();
     int64_t i = 0;
     for (; i + 8 <= n; i += 8) {
-        const __m256i w = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(x + i))), 16);
+        const __m256i w = load8(x, MC_BF16, i);
         bad = _mm256_or_si256(bad, _mm256_cmpeq_epi32(_mm256_and_si256(w, exp), exp));
         __m256 v = _mm256_castsi256_ps(w);
         if (factor) v = _mm256_mul_ps(v, f);
@@ -181,8 +177,7 @@ static int row(const void *x, int sk, void *y, int dk, int64_t n, const float *f
 #ifdef MC_X86
     if (mc_simd() >= 1) {
         if (!op && sk == dk) return row_copy_avx2(x, sk, y, n);
-        if (!op && dk == MC_F16 && sk == MC_BF16) return row_bf16_f16_avx2(x, y, n);
-        if (!op && dk == MC_F16 && sk == MC_F32) return row_f32_f16_avx2(x, y, n);
+        if (!op && dk == MC_F16 && sk != MC_F16) return row_f16_avx2(x, sk, y, n);
         if (sk == MC_BF16 && dk != MC_F16) return row_bf16_fold_avx2(x, y, dk, n, factor, divisor);
     }
 #endif
