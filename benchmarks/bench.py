@@ -6,23 +6,26 @@
 Builds once (cached under ``benchmarks/cache/<shape>/ckpt``) a synthetic checkpoint with the
 shape's exact tensor shapes (2b: MiniCPM-2B's -- hidden 2304, 40 layers, 36 heads, intermediate
 5760, vocab 122753, tied, bf16, three shards), then runs each command as its own process and
-records its wall time and peak RSS (``os.wait4``'s ru_maxrss of that very child):
+records its wall time, CPU time (user + system) and peak RSS (GNU time's, of that very child):
 
-  copy           the checkpoint's files copied into an output folder (the I/O floor)
+  copy           the checkpoint's files copied into an output folder by cp (the I/O floor)
   to-gguf-f16    to-gguf --quant f16                      (reference: copy)
-  to-gguf-q4_K_M to-gguf --quant q4_K_M                   (reference: llama-quantize)
+  to-gguf-q4_K_M to-gguf --quant q4_K_M                   (reference: llama-quantize, same threads)
   to-gguf-q8_0   to-gguf --quant q8_0                     (reference: llama-quantize)
   to-llama       to-llama                                 (reference: copy)
   to-int4        to-int4 (skipped when the command does not exist)  (reference: copy)
   llama-quantize llama.cpp's llama_model_quantize of our f16 GGUF to Q4_K_M, all cores
   verify         verify of the q4_K_M file: every tensor's weight check and 512 tokens of text
+                 (reference: copy, as it reads the checkpoint and the export whole)
   imatrix        imatrix on the calibration text (IMATRIX_CHUNKS chunks of 512)  (reference: llama-imatrix)
   llama-imatrix  llama.cpp's llama-imatrix on our f16 GGUF, the same text, chunks and threads
   to-gguf-q4_K_M-calibration  to-gguf --quant q4_K_M --calibration (one step)  (reference: llama.cpp's 3 steps)
   llama.cpp-3-steps  convert_hf_to_gguf.py f16 + llama-imatrix + llama-quantize --imatrix Q4_K_M
 
-The copy runs first, so the checkpoint is in the page cache for every later run; caches are
-dropped first when allowed (root outside a container), otherwise the table says "warm cache".
+Every run, the copy included, finds the checkpoint in the page cache: caches are dropped first
+when allowed, then the checkpoint is read once (untimed) before the copy, so the reference is
+the same warm-cache floor the commands get. The machine's load average is recorded before and
+after (on a shared machine compare ratios within one run; the CPU column is less noisy).
 Writes a markdown table to ``benchmarks/results.md`` (or ``--results``) and prints it.
 """
 
@@ -57,15 +60,15 @@ CALIBRATION = ROOT / "tests" / "data" / "calibration.md"
 RUNS = {
     "copy": ("plain copy of the checkpoint files (I/O floor)", None, ""),
     "to-gguf-f16": ("to-gguf --quant f16", "copy", "<= 1.5x copy"),
-    "to-gguf-q4_K_M": ("to-gguf --quant q4_K_M", "llama-quantize", "<= 0.5x llama-quantize"),
+    "to-gguf-q4_K_M": ("to-gguf --quant q4_K_M", "llama-quantize", "<= 0.2x llama-quantize"),
     "to-gguf-q8_0": ("to-gguf --quant q8_0", "llama-quantize", ""),
     "to-llama": ("to-llama (bf16)", "copy", "<= 1.5x copy"),
-    "to-int4": ("to-int4", "copy", ""),
+    "to-int4": ("to-int4 (GPTQ, scale search)", "copy", ""),
     "llama-quantize": ("llama.cpp llama_model_quantize f16 GGUF -> Q4_K_M, all cores", None, ""),
-    "verify": (f"verify q4_K_M GGUF: weight check of every tensor, {VERIFY_CTX} tokens of text", None,
+    "verify": (f"verify q4_K_M GGUF: weight check of every tensor, {VERIFY_CTX} tokens of text", "copy",
                "< 120 s, < 2 GB"),
     "imatrix": (f"imatrix, {IMATRIX_CHUNKS} chunks of 512 tokens", "llama-imatrix", "<= 1x llama-imatrix"),
-    "llama-imatrix": (f"llama.cpp llama-imatrix on our f16 GGUF, same tokens, 2 threads", None, ""),
+    "llama-imatrix": ("llama.cpp llama-imatrix on our f16 GGUF, same tokens, 2 threads", None, ""),
     "to-gguf-q4_K_M-calibration": ("to-gguf q4_K_M --calibration (imatrix + quantize in one step)",
                                    "llama.cpp-3-steps", ""),
     "llama.cpp-3-steps": ("llama.cpp: convert_hf_to_gguf f16 + llama-imatrix + llama-quantize --imatrix", None, ""),
@@ -79,6 +82,7 @@ class Result:
     seconds: float | None
     peak_rss: int | None  # bytes
     returncode: int | None
+    cpu: float | None = None  # user + system seconds
     note: str = ""
 
 
@@ -131,8 +135,9 @@ def measure(name: str, argv: list[str], log: Path) -> Result:
     until its exec. Without /usr/bin/time, os.wait4's ru_maxrss is used (an upper bound)."""
     rss_file = log.with_suffix(".rss")
     rss_file.unlink(missing_ok=True)
-    wrapped = [str(TIME), "-q", "-f", "%M", "-o", str(rss_file), *argv] if TIME.exists() else argv
+    wrapped = [str(TIME), "-q", "-f", "%M %U %S", "-o", str(rss_file), *argv] if TIME.exists() else argv
     os.sync()  # every command starts with no dirty pages of an earlier one being written back
+    evict(log.parent.parent)  # nor with their outputs in memory (the checkpoint stays cached)
     with open(log, "wb") as out:
         t0 = time.perf_counter()
         proc = subprocess.Popen(wrapped, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
@@ -140,11 +145,45 @@ def measure(name: str, argv: list[str], log: Path) -> Result:
         seconds = time.perf_counter() - t0
     code = os.waitstatus_to_exitcode(status)
     kib = usage.ru_maxrss if sys.platform != "darwin" else usage.ru_maxrss // 1024
+    cpu = usage.ru_utime + usage.ru_stime
     if rss_file.is_file():
-        lines = [ln for ln in rss_file.read_text().split() if ln.isdigit()]
+        lines = [ln.split() for ln in rss_file.read_text().splitlines()]
+        lines = [ln for ln in lines if len(ln) == 3 and ln[0].isdigit()]
         if lines:
-            kib = int(lines[-1])
-    return Result(name, seconds, kib * 1024, code)
+            kib, cpu = int(lines[-1][0]), float(lines[-1][1]) + float(lines[-1][2])
+    return Result(name, seconds, kib * 1024, code, cpu=cpu)
+
+
+def evict(folder: Path) -> None:
+    """Drop the (written back) page cache of the files under folder: the outputs of earlier runs
+    must not leave the next one short of memory (a 2B run writes 1-6 GB)."""
+    if not hasattr(os, "posix_fadvise"):
+        return
+    for path in folder.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except OSError:
+                continue
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def read_through(files: list[Path]) -> None:
+    """Read files once (into the page cache), untimed."""
+    for path in files:
+        with open(path, "rb", buffering=0) as f:
+            while f.read(1 << 24):
+                pass
+
+
+def load_average() -> str:
+    try:
+        return " ".join(f"{x:.1f}" for x in os.getloadavg())
+    except OSError:
+        return "unknown"
 
 
 def drop_caches() -> bool:
@@ -183,14 +222,15 @@ def llama_tools() -> Path | None:
 
 def timed_steps(name: str, steps: list[list[str]], log: Path) -> Result:
     """Several commands in a row: the sum of their times, the largest peak RSS."""
-    total, peak = 0.0, 0
+    total, peak, cpu = 0.0, 0, 0.0
     for k, argv in enumerate(steps):
         r = measure(name, argv, log.with_name(f"{log.stem}-{k}.log"))
         if r.returncode != 0:
             return Result(name, None, None, r.returncode, f"step {k + 1} failed, see {log.stem}-{k}.log")
         total += r.seconds
         peak = max(peak, r.peak_rss or 0)
-    return Result(name, total, peak, 0)
+        cpu += r.cpu or 0.0
+    return Result(name, total, peak, 0, cpu=cpu)
 
 
 def run_all(ckpt: Path, work: Path, names: list[str]) -> list[Result]:
@@ -216,6 +256,7 @@ def run_all(ckpt: Path, work: Path, names: list[str]) -> list[Result]:
             shutil.rmtree(dst, ignore_errors=True)
             dst.mkdir()
             files = sorted(p for p in ckpt.iterdir() if p.is_file())
+            read_through(files)  # the same warm cache the commands after it find
             r = measure(name, ["cp", *map(str, files), str(dst)], log)
             shutil.rmtree(dst, ignore_errors=True)
         elif name.startswith("to-gguf-") and not name.endswith("-calibration"):
@@ -312,7 +353,13 @@ def machine() -> str:
     return f"{os.cpu_count()} cores, {ram / 2**30:.1f} GiB RAM, {cpu}, Python {platform.python_version()}"
 
 
-def table(results: list[Result], shape: str, ckpt: Path, cache_note: str) -> str:
+def threads_note() -> str:
+    from minicpm_convert.stream import worker_threads
+    return (f"minicpm-convert {worker_threads()} worker threads, llama-quantize {os.cpu_count()}, "
+            "llama-imatrix 2")
+
+
+def table(results: list[Result], shape: str, ckpt: Path, cache_note: str, load: str = "") -> str:
     by = {r.name: r for r in results}
     size = sum(p.stat().st_size for p in ckpt.iterdir() if p.is_file())
     hidden, layers, heads, kv, inter, vocab, shards = SHAPES[shape]
@@ -324,10 +371,12 @@ def table(results: list[Result], shape: str, ckpt: Path, cache_note: str) -> str
         f"intermediate {inter}, vocab {vocab}, tied, bf16, {shards} shards, "
         f"{size / 1e9:.2f} GB",
         f"- page cache: {cache_note}",
+        f"- load average (1, 5, 15 min): {load or load_average()}",
+        f"- threads: {threads_note()}",
         f"- date: {time.strftime('%Y-%m-%d %H:%M')}",
         "",
-        "| command | time (s) | peak RSS (MB) | reference | ratio to reference | target | note |",
-        "|---|---:|---:|---|---:|---|---|",
+        "| command | time (s) | peak RSS (MB) | CPU (s) | reference | ratio to reference | target | note |",
+        "|---|---:|---:|---:|---|---:|---|---|",
     ]
     for name in ORDER:
         if name not in by:
@@ -336,10 +385,11 @@ def table(results: list[Result], shape: str, ckpt: Path, cache_note: str) -> str
         desc, ref, target = RUNS[name]
         t = f"{r.seconds:.1f}" if r.seconds is not None else "-"
         rss = f"{r.peak_rss / 2**20:.0f}" if r.peak_rss is not None else "-"
+        cpu = f"{r.cpu:.1f}" if r.cpu is not None else "-"
         ratio = "-"
         if ref and ref in by and r.seconds is not None and by[ref].seconds:
             ratio = f"{r.seconds / by[ref].seconds:.2f}x"
-        lines.append(f"| {name}: {desc} | {t} | {rss} | {ref or '-'} | {ratio} | {target} | {r.note} |")
+        lines.append(f"| {name}: {desc} | {t} | {rss} | {cpu} | {ref or '-'} | {ratio} | {target} | {r.note} |")
     return "\n".join(lines) + "\n"
 
 
@@ -361,13 +411,15 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     for stale in work.glob("*.gguf"):  # outputs of earlier code must not be reused as inputs
         stale.unlink()
-    cache_note = "dropped before the runs, then warmed by the copy" if drop_caches() else \
-        "warm cache (could not drop caches; the copy runs first and warms the checkpoint for every run)"
+    cache_note = ("dropped, then the checkpoint read once before the copy: every run finds it cached"
+                  if drop_caches() else "the checkpoint read once before the copy: every run finds it cached")
+    load_before = load_average()
     results = run_all(ckpt, work, names)
+    load = f"{load_before} before, {load_average()} after"
     if not args.keep:
         for p in work.glob("*.gguf"):
             p.unlink()
-    text = table(results, shape, ckpt, cache_note)
+    text = table(results, shape, ckpt, cache_note, load)
     args.results.parent.mkdir(parents=True, exist_ok=True)
     args.results.write_text(text)
     print(text)

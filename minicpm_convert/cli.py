@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+import os
 import re
 import sys
 import traceback
@@ -335,9 +337,27 @@ def inspect_cmd(path: str = typer.Argument(..., help="A checkpoint folder, expor
     render(api.inspect(path), out_console)
 
 
-def entry() -> None:  # pragma: no cover - console script
-    app()
+def entry() -> None:  # pragma: no cover - the console script and python -m minicpm_convert
+    """The command line as a process of its own: what a library must not do is done here, where
+    the process is ours. Torch's import allocates some 10^6 objects that live as long as the
+    process, so the collector runs every 50 000 allocations instead of 700 (0.2 s less per
+    command); and once the command has returned (outputs closed and renamed, stdout and stderr
+    flushed) the process ends with os._exit, skipping the interpreter's teardown: torch's library
+    finalizers and a last collection of every module, 0.5-1.5 s per command in the profile of a
+    2B f16 conversion."""
+    gc.set_threshold(50_000, 20, 20)
+    try:
+        app(prog_name="minicpm-convert")
+        code = 0
+    except SystemExit as exc:  # typer/click end every command this way, with its exit code
+        code = exc.code
+    if code is not None and not isinstance(code, int):
+        print(code, file=sys.stderr)
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code or 0)
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(app())
+    entry()

@@ -124,9 +124,6 @@ class LayerCache:
             t = self._cache[name] = self._source.read(name)
         return t[start:stop]
 
-    def read_stored(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        return self._source.read_stored(name, start, stop)
-
 
 def export_target(source, kind: str) -> str:
     """What the export must hold: Llama-format tensors, or a GGUF of its architecture's layout."""

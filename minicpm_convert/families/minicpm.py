@@ -96,15 +96,14 @@ class MiniCPMBase(Family):
 
     def llama_jobs(self, ckpt: "Checkpoint") -> list["TensorJob"]:
         """Llama-format tensors: muP folded, head untied (a tied head is the *unscaled* embedding)."""
-        from ..stream import TensorJob, reader, stored_reader
+        from ..stream import TensorJob, reader
 
         spec = ckpt.spec
         jobs = []
         for name in ckpt.names():
             factor, divisor = self.fold_factor(spec, name)
-            unchanged = factor is None and divisor is None
             jobs.append(TensorJob(self.export_name(spec, name), ckpt.shape(name), ckpt.dtype(name),
-                                  reader(ckpt, name, factor, divisor), stored_reader(ckpt, name) if unchanged else None))
+                                  reader(ckpt, name, factor, divisor)))
         if "lm_head.weight" not in ckpt.names():
             emb = "model.embed_tokens.weight"
             _, divisor = self.fold_factor(spec, "lm_head.weight")

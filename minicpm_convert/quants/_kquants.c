@@ -2,9 +2,13 @@
  * llama.cpp's ggml_quantize_chunk with and without an importance array.  Reached only through
  * minicpm_convert.quants.registry, which keeps the NumPy ports as their oracle.
  *
- *   quantize(type, src_f32, dst_u8, n_per_row, imatrix_f32_or_None)  (releases the GIL)
+ *   quantize(type, src_f32, dst_u8, n_per_row, imatrix_f32_or_None) -> NaN/Inf count (0: written;
+ *                                                                  else nothing is; GIL released)
  *   set_tables(type, grid, index, start, count, flat)               (IQ codebooks, once)
  *   f16(src_f32, dst_f16)                                            (GGML_FP32_TO_FP16)
+ *   convert(src, src_kind, dst, dst_kind, cols, factor, divisor, half_head) -> rows with NaN/Inf
+ *   simd(level=None) -> the instruction set in use (0 portable C, 1 AVX2 + F16C, 2 also
+ *                       AVX-512F); another level (at most the CPU's) may be set, for tests
  *   TYPES: the ggml type numbers implemented
  */
 #define PY_SSIZE_T_CLEAN
@@ -67,10 +71,13 @@ static PyObject *py_quantize(PyObject *self, PyObject *args) {
     else if (dst.len != nrows * row_out) bad = "destination size is wrong";
     else if (has_qw && qw.len != row_values * (Py_ssize_t)sizeof(float)) bad = "importance array is not one float32 per column";
     int rc = 0;
+    int64_t nonfinite = 0;
     if (!bad) {
         Py_BEGIN_ALLOW_THREADS
-        rc = k->fn((const float *)src.buf, (uint8_t *)dst.buf, (int64_t)nrows, (int64_t)n_per_row,
-                   has_qw ? (const float *)qw.buf : NULL);
+        nonfinite = mc_count_nonfinite((const float *)src.buf, (int64_t)nrows * (int64_t)n_per_row);
+        if (!nonfinite)
+            rc = k->fn((const float *)src.buf, (uint8_t *)dst.buf, (int64_t)nrows, (int64_t)n_per_row,
+                       has_qw ? (const float *)qw.buf : NULL);
         Py_END_ALLOW_THREADS
     }
     PyBuffer_Release(&src);
@@ -81,7 +88,7 @@ static PyObject *py_quantize(PyObject *self, PyObject *args) {
     if (rc < 0)
         return PyErr_Format(PyExc_ValueError, "ggml type %d: no codebook point within float range "
                             "(llama.cpp aborts on this input)", type);
-    Py_RETURN_NONE;
+    return PyLong_FromLongLong(nonfinite);
 }
 
 static void *copy_buffer(PyObject *obj, Py_ssize_t itemsize, Py_ssize_t *n) {
@@ -165,11 +172,61 @@ static PyObject *py_f16(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* kinds: 0 float32, 1 float16, 2 bfloat16 (MC_F32, MC_F16, MC_BF16) */
+static PyObject *py_convert(PyObject *self, PyObject *args) {
+    PyObject *src_obj, *dst_obj, *factor_obj, *divisor_obj;
+    int sk, dk;
+    Py_ssize_t cols, half_head;
+    if (!PyArg_ParseTuple(args, "OiOinOOn", &src_obj, &sk, &dst_obj, &dk, &cols, &factor_obj, &divisor_obj,
+                          &half_head))
+        return NULL;
+    float factor = 0, divisor = 0;
+    if (factor_obj != Py_None && (factor = (float)PyFloat_AsDouble(factor_obj)) == -1.0f && PyErr_Occurred()) return NULL;
+    if (divisor_obj != Py_None && (divisor = (float)PyFloat_AsDouble(divisor_obj)) == -1.0f && PyErr_Occurred())
+        return NULL;
+    if (sk < 0 || sk > 2 || dk < 0 || dk > 2 || cols <= 0 || half_head < 0)
+        return PyErr_Format(PyExc_ValueError, "convert: bad kinds, row length or head size");
+    Py_buffer src, dst;
+    if (PyObject_GetBuffer(src_obj, &src, PyBUF_C_CONTIGUOUS) < 0) return NULL;
+    if (PyObject_GetBuffer(dst_obj, &dst, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE) < 0) {
+        PyBuffer_Release(&src);
+        return NULL;
+    }
+    static const Py_ssize_t size[] = {4, 2, 2};
+    const Py_ssize_t rows = src.len / (cols * size[sk]);
+    const int ok = src.len == rows * cols * size[sk] && dst.len == rows * cols * size[dk] &&
+                   (half_head == 0 || rows % (2 * half_head) == 0);
+    int64_t bad = 0;
+    if (ok) {
+        Py_BEGIN_ALLOW_THREADS
+        bad = mc_convert(src.buf, sk, dst.buf, dk, rows, cols, factor_obj != Py_None ? &factor : NULL,
+                         divisor_obj != Py_None ? &divisor : NULL, half_head);
+        Py_END_ALLOW_THREADS
+    }
+    PyBuffer_Release(&src);
+    PyBuffer_Release(&dst);
+    if (!ok) return PyErr_Format(PyExc_ValueError, "convert: sizes do not match whole rows (and heads)");
+    return PyLong_FromLongLong(bad);
+}
+
+static PyObject *py_simd(PyObject *self, PyObject *args) {
+    int level = -1;
+    if (!PyArg_ParseTuple(args, "|i", &level)) return NULL;
+    const int best = mc_simd_supported();
+    if (level >= 0) mc_simd_level = level < best ? level : best;
+    return PyLong_FromLong(mc_simd());
+}
+
 static PyMethodDef methods[] = {
     {"quantize", py_quantize, METH_VARARGS,
-     "quantize(type, src_f32, dst_u8, n_per_row, imatrix_or_None): ggml_quantize_chunk's bytes (GIL released)."},
+     "quantize(type, src_f32, dst_u8, n_per_row, imatrix_or_None): ggml_quantize_chunk's bytes unless the "
+     "source holds NaN/Inf; returns their count (GIL released)."},
     {"set_tables", py_set_tables, METH_VARARGS, "set_tables(type, grid, index, start, count, flat): IQ codebook."},
     {"f16", py_f16, METH_VARARGS, "f16(src_f32, dst_f16): float32 -> float16, nearest even (GIL released)."},
+    {"convert", py_convert, METH_VARARGS,
+     "convert(src, src_kind, dst, dst_kind, cols, factor, divisor, half_head): rows cast (folded, permuted) "
+     "in one pass; returns the number of rows holding NaN/Inf (GIL released)."},
+    {"simd", py_simd, METH_VARARGS, "simd(level=None): the instruction set in use; another level (at most the CPU's) may be set."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -84,6 +84,11 @@ _tables_lock = threading.Lock()
 _tables_loaded: set[QT] = set()
 
 
+def compiled_module():
+    """The compiled extension, or None when it is not built or MINICPM_CONVERT_NO_C is set."""
+    return _compiled if use_compiled else None
+
+
 def compiled_types() -> frozenset[QT]:
     """The types the built extension implements (empty when it is not built)."""
     return frozenset(QT(t) for t in getattr(_compiled, "TYPES", ())) if _compiled is not None else frozenset()
@@ -139,9 +144,6 @@ def quantize(x: np.ndarray, qtype: QT, imatrix: np.ndarray | None = None, *, bac
     qw = _check_imatrix(fmt, imatrix, n)
     if qtype in FLOATS:
         return _float(x, qtype)
-    if not np.isfinite(x).all():
-        bad = int(np.count_nonzero(~np.isfinite(x)))
-        raise ValueError(f"{qtype.name}: input holds {bad} non-finite values (NaN or Inf)")
     rows = x.reshape(-1, n) if n else x.reshape(int(np.prod(x.shape[:-1])), 0)
     out = np.empty((rows.shape[0], row_bytes(qtype, n)), np.uint8)
     if rows.size:
@@ -151,14 +153,18 @@ def quantize(x: np.ndarray, qtype: QT, imatrix: np.ndarray | None = None, *, bac
             if _compiled is None or qtype not in compiled_types():
                 raise RuntimeError(f"no compiled kernel for {qtype.name}")
             _load_iq_tables(qtype)
-            _compiled.quantize(int(qtype), rows, out, n, qw)  # releases the GIL
+            # counts NaN/Inf first (one pass in C, no temporary) and then quantizes only if none
+            bad = _compiled.quantize(int(qtype), rows, out, n, qw)  # releases the GIL
         elif backend == "numpy":
+            bad = int(np.count_nonzero(~np.isfinite(rows)))
             step = max(1, _NUMPY_CHUNK_VALUES // n)
             with np.errstate(all="ignore"):  # out-of-domain roundings are reproduced, not reported
-                for s in range(0, rows.shape[0], step):
+                for s in range(0, rows.shape[0] if not bad else 0, step):
                     out[s:s + step] = fmt.numpy(rows[s:s + step], qw)
         else:
             raise ValueError(f"unknown backend {backend!r}")
+        if bad:
+            raise ValueError(f"{qtype.name}: input holds {bad} non-finite values (NaN or Inf)")
     return out.reshape(*x.shape[:-1], out.shape[-1])
 
 

@@ -194,13 +194,19 @@ class Checkpoint:
 
     def read_stored(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """Rows [start, stop) in the stored dtype, checked for NaN/Inf."""
-        holder = self._where[name]
-        if isinstance(holder, SafetensorsFile) and hasattr(os, "preadv"):
-            t = holder.read_rows(name, start, stop)  # read, not mapped: no file pages stay resident
-        else:
-            t = self.get(name)[start:stop]
+        t = self.read_unchecked(name, start, stop)
         check_finite(name, t, self.folder)
         return t
+
+    def read_unchecked(self, name: str, start: int = 0, stop: int | None = None, scratch=None) -> torch.Tensor:
+        """Rows [start, stop) in the stored dtype, NOT checked: for a caller that checks every
+        value in its own pass over them (stream.StoredRows). `scratch` (a stream.Scratch): memory
+        to read them into, instead of a fresh array."""
+        holder = self._where[name]
+        if isinstance(holder, SafetensorsFile) and hasattr(os, "preadv"):
+            # read, not mapped: no file pages stay resident
+            return holder.read_rows(name, start, stop, scratch.get if scratch is not None else None)
+        return self.get(name)[start:stop]
 
     @property
     def storage_dtype(self) -> torch.dtype:

@@ -12,7 +12,7 @@ import math
 import os
 import threading
 from pathlib import Path
-from typing import BinaryIO, Iterable
+from typing import BinaryIO, Callable, Iterable
 
 import numpy as np
 import torch
@@ -132,8 +132,10 @@ class SafetensorsFile:
         tensor = torch.from_numpy(raw.view(np_dtype).reshape(shape))
         return tensor.view(torch.bfloat16) if torch_dtype is torch.bfloat16 else tensor
 
-    def read_rows(self, name: str, start: int | None = None, stop: int | None = None) -> torch.Tensor:
-        """Rows [start, stop) (slice semantics on the first axis) read into fresh memory.
+    def read_rows(self, name: str, start: int | None = None, stop: int | None = None,
+                  memory: Callable[[int], np.ndarray] | None = None) -> torch.Tensor:
+        """Rows [start, stop) (slice semantics on the first axis) read into fresh memory, or into
+        `memory(nbytes)` (a uint8 array) when given.
 
         Unlike the mapped view of `get`, this leaves no file pages in the process (a memory map
         counts every page it touched in the resident set), and pread is safe from any thread."""
@@ -144,7 +146,10 @@ class SafetensorsFile:
         lo, hi, _ = slice(start, stop).indices(shape[0])
         hi = max(lo, hi)
         row_bytes = (end - begin) // shape[0]
-        out = np.empty((hi - lo, *shape[1:]), dtype=np_dtype)
+        if memory is None:
+            out = np.empty((hi - lo, *shape[1:]), dtype=np_dtype)
+        else:
+            out = memory((hi - lo) * row_bytes).view(np_dtype).reshape(hi - lo, *shape[1:])
         view = memoryview(out).cast("B")
         offset = self._data_start + begin + lo * row_bytes
         fd = self._file()

@@ -24,7 +24,7 @@ def test_bench_tiny_produces_every_row(tmp_path, capsys):
     text = results.read_text()
     assert code == 0, text
     assert text in capsys.readouterr().out
-    assert "cores" in text and "RAM" in text and "page cache" in text
+    assert "cores" in text and "RAM" in text and "page cache" in text and "load average" in text
     rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| command")]
     names = [line[2:].split(":", 1)[0] for line in rows]
     assert names == bench.ORDER
@@ -34,6 +34,7 @@ def test_bench_tiny_produces_every_row(tmp_path, capsys):
             continue
         assert re.fullmatch(r"\d+\.\d", cells[1]), line  # time
         assert re.fullmatch(r"\d+", cells[2]), line  # peak RSS
+        assert re.fullmatch(r"\d+\.\d", cells[3]), line  # CPU
     q4 = next(line for line in rows if line.startswith("| to-gguf-q4_K_M"))
     assert re.search(r"\| \d+\.\d\dx \|", q4)  # a ratio to llama-quantize
 

@@ -35,6 +35,22 @@ def test_gguf_multi_threaded_equals_single_threaded(name, quant, arch, fixture_p
     assert one.read_bytes() == many.read_bytes()
 
 
+@pytest.mark.parametrize("quant", ["f16", "q4_K_M"])
+@pytest.mark.parametrize("name", ["tiny", "gqa"])
+def test_gguf_chunk_size_does_not_change_bytes(name, quant, fixture_path, tmp_path, monkeypatch):
+    """Chunks of a few rows (q/k split into whole heads, permuted chunk by chunk) give the file
+    that whole-tensor chunks give."""
+    import minicpm_convert.formats.gguf.writer as gguf_sink
+
+    ckpt = Checkpoint(fixture_path(name))
+    files = []
+    for values in (1 << 30, 3000):
+        monkeypatch.setattr(gguf_sink, "PARALLEL_CHUNK_VALUES", values)
+        files.append(tmp_path / f"{values}.gguf")
+        write_gguf(ckpt, files[-1], FILE_TYPES[quant], None, str(fixture_path(name)), quiet=True, threads=2)
+    assert files[0].read_bytes() == files[1].read_bytes()
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_llama_multi_threaded_equals_single_threaded(dtype, fixture_path, tmp_path, tiny_chunks):
     ckpt = Checkpoint(fixture_path("sharded"))

@@ -6,6 +6,22 @@ from __future__ import annotations
 
 import numpy as np
 
+
+def each_simd_level():
+    """The compiled kernels at every instruction-set level this CPU runs (0 portable C, 1 AVX2 +
+    F16C, 2 also AVX-512F): yields each level once it is set; the CPU's best is restored after."""
+    from minicpm_convert.quants import registry
+
+    c = registry.compiled_module()
+    best = c.simd(99)
+    try:
+        for level in range(best + 1):
+            assert c.simd(level) == level
+            yield level
+    finally:
+        c.simd(best)
+
+
 def _normal(rng, shape, s):
     return (rng.standard_normal(shape) * s).astype(np.float32)
 

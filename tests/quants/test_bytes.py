@@ -2,7 +2,8 @@
 installed libggml-base (ctypes), with and without an importance array, on hard data.
 
 Each case is quantized three ways: the NumPy port, the compiled kernel (what production runs,
-through the same registry call) and llama.cpp; all three must give the very same bytes.  Where
+through the same registry call, at every instruction-set level the CPU has: portable C, AVX2,
+AVX-512) and llama.cpp; all must give the very same bytes.  Where
 llama.cpp aborts (a GGML_ASSERT in the IQ codebook searches, on weights that overflow float32),
 both of ours must refuse with ValueError instead of writing anything."""
 
@@ -17,10 +18,10 @@ from minicpm_convert.quants.registry import FORMATS, REQUIRED, quantize
 
 try:  # tests/quants as a package, or (default rootdir import) as a plain directory
     from . import ggml_oracle
-    from .cases import CASES, IMPORTANCE, importance, make
+    from .cases import CASES, IMPORTANCE, each_simd_level, importance, make
 except ImportError:
     import ggml_oracle
-    from cases import CASES, IMPORTANCE, importance, make
+    from cases import CASES, IMPORTANCE, each_simd_level, importance, make
 
 pytest.importorskip("llama_cpp")
 
@@ -76,7 +77,8 @@ def check(ggml, qtype, x, qw, what):
     want = llama_cpp_bytes(ggml, qtype, x, qw)
     assert_same(ours(x, qtype, qw, "numpy"), want, qtype, f"{what} (NumPy)")
     if qtype in registry.compiled_types():
-        assert_same(ours(x, qtype, qw, "c"), want, qtype, f"{what} (C)")
+        for level in each_simd_level():  # every instruction set this CPU has: the same bytes
+            assert_same(ours(x, qtype, qw, "c"), want, qtype, f"{what} (C, SIMD level {level})")
     else:
         assert not registry.compiled_types(), f"{qtype.name}: no compiled kernel"
 

@@ -14,9 +14,9 @@ from minicpm_convert.quants import iq_grids, registry
 from minicpm_convert.quants.registry import FORMATS, REQUIRED, quantize
 
 try:
-    from .cases import importance
+    from .cases import each_simd_level, importance
 except ImportError:
-    from cases import importance
+    from cases import each_simd_level, importance
 
 pytestmark = pytest.mark.skipif(not registry.compiled_types(), reason="the C extension is not built")
 _c = registry._compiled
@@ -49,8 +49,10 @@ def test_compiled_equals_numpy(qtype, kind):
     n, rows = (768, 6) if qtype in SLOW else (2304, 24)
     qw = qw_for(qtype, n, kind)
     for scale, x in random_inputs(n, rows):
-        c = quantize(x, qtype, qw, backend="c")
-        assert np.array_equal(c, quantize(x, qtype, qw, backend="numpy")), f"{qtype.name} scale {scale}"
+        want = quantize(x, qtype, qw, backend="numpy")
+        for level in each_simd_level():
+            c = quantize(x, qtype, qw, backend="c")
+            assert np.array_equal(c, want), f"{qtype.name} scale {scale} SIMD level {level}"
 
 
 @pytest.mark.parametrize("qtype", BLOCKS, ids=lambda t: t.name)

@@ -20,9 +20,9 @@ from ...families import family_of
 from ...progress import progress_bar
 from ...quants import quantize
 from ...sources.checkpoint import Checkpoint
-from ...stream import PARALLEL_CHUNK_VALUES, TensorJob, ordered_map
-from .layout import permute_rows
+from ...stream import PARALLEL_CHUNK_VALUES, Scratch, TensorJob, ordered_map
 from .metadata import GeneralMetadata, general_metadata
+from .packing import ArrayPackingWriter
 from .plan import FileType, ModelFacts, Options, Plan, TensorChoice, make_plan, sort_key
 from .split import OUR_KEY, Split
 from .vocab import add_vocab
@@ -102,21 +102,16 @@ def tensor_importance(t: TensorChoice, imatrix) -> np.ndarray | None:
     return qw
 
 
-def _encode_chunk(item) -> tuple[bytes | np.ndarray, int]:
+def _encode_chunk(item, buf: Scratch) -> tuple[bytes | np.ndarray, int]:
     """One unit of work for the pool: read rows, permute Q/K, quantize. Thread-safe."""
     job, start, stop, heads, qtype, qw = item
     float_type = FLOAT_TYPES.get(qtype)
-    if float_type is not None and job.read_stored is not None:
-        # A float file from unchanged values: cast the stored rows directly (torch rounds to
-        # nearest-even exactly as the float32 path does; checked on every bf16 value in the tests).
-        rows = job.read_stored(start, stop)
-        if heads:
-            rows = permute_rows(rows, heads)
-        out = rows.to(float_type).contiguous()
-        return (out.view(torch.int16) if float_type is torch.bfloat16 else out).numpy(), rows.numel() * 4
-    rows = job.read(start, stop)
-    if heads:
-        rows = permute_rows(rows, heads)
+    if float_type is not None:
+        # A float type: read, permuted and cast in one pass into buf (stream.TensorJob.read_as).
+        out = job.read_as(start, stop, float_type, heads, buf)
+        return (out.view(torch.int16) if float_type is torch.bfloat16 else out).numpy(), out.numel() * 4
+    # float32 rows for the quantizer, read, folded, permuted and checked in one pass into buf
+    rows = job.read_as(start, stop, torch.float32, heads, buf)
     try:
         return encode(rows, qtype, qw, start), rows.numel() * 4
     except ValueError as e:  # a quantizer refusing what llama.cpp cannot quantize either
@@ -141,10 +136,11 @@ def _tensor_index(w: GGUFWriter, jobs, plan) -> None:
 
 
 def _writer(arch: str, split: Split | None) -> GGUFWriter:
+    """gguf-py's writer, vocabulary arrays packed whole (packing.py), split as asked."""
     import logging
     logging.getLogger("gguf.gguf_writer").setLevel(logging.ERROR)  # "not splitting": one file, as asked
     split = split or Split()
-    return GGUFWriter(None, arch, split_max_tensors=split.max_tensors, split_max_size=split.max_bytes)
+    return ArrayPackingWriter(None, arch, split_max_tensors=split.max_tensors, split_max_size=split.max_bytes)
 
 
 def file_count(ckpt: Checkpoint, arch: str | None, options: Options, split: Split) -> int:
@@ -228,17 +224,17 @@ def write_gguf(ckpt: Checkpoint, out: Path, ft: FileType, arch: str | None, sour
 
     def work():  # (tensor index, is its last chunk, work item) in file order
         for i, (name, job) in enumerate(jobs):
-            heads = job.rope_heads
-            # a permutation needs whole heads
-            chunks = [(0, job.rows)] if heads else list(job.chunks(PARALLEL_CHUNK_VALUES))
+            head_rows = job.rows // job.rope_heads if job.rope_heads else 1
+            chunks = list(job.chunks(PARALLEL_CHUNK_VALUES, head_rows))  # a permutation needs whole heads
             for k, (start, stop) in enumerate(chunks):
+                heads = (stop - start) // head_rows if job.rope_heads else None  # in this chunk
                 yield i, k == len(chunks) - 1, (job, start, stop, heads, plan[name], qws[name])
 
     items = list(work())
     with progress_bar(f"to-gguf {ft.name}", total, len(jobs), quiet=quiet) as advance:
         # Threads read and quantize chunks; this thread writes them in file order, so the bytes
         # do not depend on the thread count.
-        results = ordered_map(_encode_chunk, [it for _, _, it in items], threads)
+        results = ordered_map(_encode_chunk, [it for _, _, it in items], threads, scratch=True)
         current = -1
         for (i, last, _), (data, nbytes) in zip(items, results):
             f = file_of[jobs[i][0]]

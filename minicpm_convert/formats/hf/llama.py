@@ -12,7 +12,7 @@ import torch
 from ...sources.checkpoint import Checkpoint
 from ...progress import progress_bar
 from ...sources.safetensors_file import safetensors_header, write_tensor
-from ...stream import PARALLEL_CHUNK_VALUES, TensorJob, ordered_map
+from ...stream import PARALLEL_CHUNK_VALUES, Scratch, TensorJob, ordered_map
 from ...families import family_of
 
 ELEMENT_SIZE = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
@@ -41,11 +41,9 @@ def write_safetensors_shards(out: Path, jobs: list[TensorJob], dtype: torch.dtyp
     weight_map: dict[str, str] = {}
     total = 0
     total_in = sum(j.rows * j.row_values * ELEMENT_SIZE[dtype] for j in jobs)
-    def cast(item: tuple[TensorJob, int, int]) -> torch.Tensor:  # runs on a worker thread
+    def cast(item: tuple[TensorJob, int, int], buf: Scratch) -> torch.Tensor:  # runs on a worker thread
         job, start, stop = item
-        if job.read_stored is not None and job.source_dtype == dtype:
-            return job.read_stored(start, stop)
-        return job.read(start, stop).to(dtype)
+        return job.read_as(start, stop, dtype, out=buf)
 
     with progress_bar(label, total_in, len(jobs), quiet=quiet) as advance:
         for i, shard in enumerate(shards, 1):
@@ -55,7 +53,7 @@ def write_safetensors_shards(out: Path, jobs: list[TensorJob], dtype: torch.dtyp
             with open(out / fname, "wb") as f:
                 f.write(safetensors_header(entries))
                 # Worker threads read and cast the next chunks while this one writes, in order.
-                for (job, _, stop), rows in zip(items, ordered_map(cast, items, threads)):
+                for (job, _, stop), rows in zip(items, ordered_map(cast, items, threads, scratch=True)):
                     write_tensor(f, rows)
                     advance(rows.numel() * ELEMENT_SIZE[dtype], "")
                     if stop == job.rows:

@@ -148,6 +148,29 @@ typedef struct {
     int group;
 } mc_tables;
 
+/* ---- convert.c: float tensors in one pass ---- */
+enum { MC_F32 = 0, MC_F16 = 1, MC_BF16 = 2 };
+
+/* The number of NaN and Inf among n floats (a block quantizer's input check). */
+int64_t mc_count_nonfinite(const float *x, int64_t n);
+
+/* rows x cols values of kind sk -> kind dk (times *factor, over *divisor when not NULL); with
+ * half_head > 0 the rows go to ggml's rope layout (heads of 2 * half_head rows). Returns the
+ * number of rows holding NaN or Inf (their output is unspecified). */
+int64_t mc_convert(const void *x, int sk, void *y, int dk, int64_t rows, int64_t cols, const float *factor,
+                   const float *divisor, int64_t half_head);
+
+/* The instruction set the kernels use: 0 portable C, 1 AVX2 + F16C (the float casts), 2 also
+ * AVX-512F (16-lane searches); the best this CPU supports (mc_simd_supported), unless tests set
+ * mc_simd_level lower to run the other code. (The lane searches' AVX2 / SSE2 choice below 2 is
+ * target_clones', see lanes.h.) Every level gives the same bits. */
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define MC_HAVE_AVX512 1 /* searches_avx512.c is compiled */
+#endif
+extern int mc_simd_level;
+int mc_simd(void);
+int mc_simd_supported(void);
+
 /* slot: 0 IQ2_XXS, 1 IQ2_XS, 2 IQ2_S, 3 IQ3_XXS, 4 IQ3_S */
 extern mc_tables mc_iq_tables[5];
 

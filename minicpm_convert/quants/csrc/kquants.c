@@ -2,6 +2,7 @@
  * quantize_row_<type>_impl with one (ggml-quants.c).  The sub-block searches run 8 at a time
  * (searches.c); what is per super-block here is short and scalar. */
 #include "common.h"
+#include "lanes.h"
 
 /* sigma2 = factor * (sum of x^2 over the super-block, in order) / QK_K */
 static float sigma2_of(const float *x, float factor) {
@@ -38,12 +39,12 @@ static inline void get_scale_min_k4(int j, const uint8_t *q, uint8_t *d, uint8_t
     }
 }
 
-/* One Q4_K/Q5_K super-block at y: scales (and the fp16 d, dmin) from the 8 sub-block searches,
- * then the levels at the stored scales. */
-static void qkx_block(const float *x, const float *qw, int nmax, uint8_t *y, uint8_t *L) {
-    float w[QK_K], sw[8], sc[8], mins[8];
-    uint8_t ls[8], lm[8];
-    float d_block, m_block;
+/* Super-blocks per search call: 128 sub-blocks, whole batches of 8 or 16 lanes. */
+#define QKX_BATCH 16
+
+/* The weights of a Q4_K/Q5_K super-block (and, with an importance array, their sums per
+ * sub-block). */
+static void qkx_weights(const float *x, const float *qw, float *w, float *sw) {
     if (!qw) { /* quantize_row_q{4,5}_K_ref */
         for (int j = 0; j < 8; ++j) {
             const float *xs = x + 32 * j;
@@ -52,8 +53,19 @@ static void qkx_block(const float *x, const float *qw, int nmax, uint8_t *y, uin
             const float av_x = sqrtf(sum_x2 / 32);
             for (int l = 0; l < 32; ++l) w[32 * j + l] = av_x + fabsf(xs[l]);
         }
-        if (nmax == 15) mc_qkx(x, w, 8, 32, 15, -1.0f, 0.1f, 20, 0, sc, mins, L);
-        else mc_qkx(x, w, 8, 32, 31, -0.5f, 0.1f, 15, 0, sc, mins, L);
+    } else { /* quantize_row_q{4,5}_K_impl */
+        imatrix_weights(x, qw, sigma2_of(x, 2), 32, w, sw);
+    }
+}
+
+/* One Q4_K/Q5_K super-block at y from its 8 sub-block searches (sc, mins, and sw with an
+ * importance array): the scales, the fp16 d and dmin, then the levels at the stored scales. */
+LANES_ATTR
+static void qkx_finish(const float *x, int imatrix, int nmax, const float *sc, const float *mins, const float *sw,
+                       uint8_t *y, uint8_t *L) {
+    uint8_t ls[8], lm[8];
+    float d_block, m_block;
+    if (!imatrix) {
         float max_scale = 0, max_min = 0;
         for (int j = 0; j < 8; ++j) {
             if (sc[j] > max_scale) max_scale = sc[j];
@@ -69,9 +81,7 @@ static void qkx_block(const float *x, const float *qw, int nmax, uint8_t *y, uin
         }
         d_block = max_scale / 63.f;
         m_block = max_min / 63.f;
-    } else { /* quantize_row_q{4,5}_K_impl */
-        imatrix_weights(x, qw, sigma2_of(x, 2), 32, w, sw);
-        mc_qkx(x, w, 8, 32, nmax, -0.9f, 0.05f, 36, 0, sc, mins, L); /* make_qkx3_quants */
+    } else {
         d_block = mc_make_qp_quants(8, 63, sc, ls, sw);
         m_block = mc_make_qp_quants(8, 63, mins, lm, sw);
         if (nmax == 31) /* Q5_K clamps, Q4_K does not */
@@ -103,33 +113,54 @@ static void qkx_block(const float *x, const float *qw, int nmax, uint8_t *y, uin
     }
 }
 
-int mc_q4_k(const float *x, uint8_t *y, int64_t nrows, int64_t n, const float *qw) {
-    uint8_t L[QK_K];
-    const int64_t per_row = n / QK_K;
-    for (int64_t b = 0; b < nrows * per_row; ++b, x += QK_K, y += 144) {
-        qkx_block(x, qw ? qw + QK_K * (b % per_row) : NULL, 15, y, L);
-        uint8_t *qs = y + 16;
-        for (int g = 0; g < 4; ++g)
-            for (int l = 0; l < 32; ++l) qs[32 * g + l] = (uint8_t)(L[64 * g + l] | (L[64 * g + 32 + l] << 4));
+/* Q4_K (nmax 15) or Q5_K (31): every super-block's 8 sub-block searches, QKX_BATCH super-blocks
+ * per call (their groups are consecutive in x), then pack(y, L) per super-block. */
+static void qkx_rows(const float *x, uint8_t *y, int64_t nrows, int64_t n, const float *qw, int nmax, int bytes,
+                     void (*pack)(uint8_t *, const uint8_t *)) {
+    float w[QKX_BATCH * QK_K], sw[QKX_BATCH * 8], sc[QKX_BATCH * 8], mins[QKX_BATCH * 8];
+    uint8_t L[QKX_BATCH * QK_K];
+    const int64_t per_row = n / QK_K, nblocks = nrows * per_row;
+    for (int64_t b0 = 0; b0 < nblocks; b0 += QKX_BATCH) {
+        const int nb = (int)(nblocks - b0 < QKX_BATCH ? nblocks - b0 : QKX_BATCH);
+        const float *xb = x + QK_K * b0;
+        for (int j = 0; j < nb; ++j)
+            qkx_weights(xb + QK_K * j, qw ? qw + QK_K * ((b0 + j) % per_row) : NULL, w + QK_K * j, sw + 8 * j);
+        if (qw) mc_qkx(xb, w, 8 * nb, 32, nmax, -0.9f, 0.05f, 36, 0, sc, mins, L); /* make_qkx3_quants */
+        else if (nmax == 15) mc_qkx(xb, w, 8 * nb, 32, 15, -1.0f, 0.1f, 20, 0, sc, mins, L);
+        else mc_qkx(xb, w, 8 * nb, 32, 31, -0.5f, 0.1f, 15, 0, sc, mins, L);
+        for (int j = 0; j < nb; ++j) {
+            uint8_t *yb = y + bytes * (b0 + j);
+            qkx_finish(xb + QK_K * j, qw != NULL, nmax, sc + 8 * j, mins + 8 * j, sw + 8 * j, yb, L + QK_K * j);
+            pack(yb, L + QK_K * j);
+        }
     }
+}
+
+static void pack_q4_k(uint8_t *y, const uint8_t *L) {
+    uint8_t *qs = y + 16;
+    for (int g = 0; g < 4; ++g)
+        for (int l = 0; l < 32; ++l) qs[32 * g + l] = (uint8_t)(L[64 * g + l] | (L[64 * g + 32 + l] << 4));
+}
+
+static void pack_q5_k(uint8_t *y, const uint8_t *L) {
+    uint8_t *qh = y + 16, *qs = y + 48;
+    memset(qh, 0, 32);
+    for (int g = 0; g < 4; ++g) {
+        for (int l = 0; l < 32; ++l) {
+            const int a = L[64 * g + l], c = L[64 * g + 32 + l];
+            qh[l] |= (uint8_t)(((a >> 4) << (2 * g)) | ((c >> 4) << (2 * g + 1)));
+            qs[32 * g + l] = (uint8_t)((a & 0x0F) | ((c & 0x0F) << 4));
+        }
+    }
+}
+
+int mc_q4_k(const float *x, uint8_t *y, int64_t nrows, int64_t n, const float *qw) {
+    qkx_rows(x, y, nrows, n, qw, 15, 144, pack_q4_k);
     return 0;
 }
 
 int mc_q5_k(const float *x, uint8_t *y, int64_t nrows, int64_t n, const float *qw) {
-    uint8_t L[QK_K];
-    const int64_t per_row = n / QK_K;
-    for (int64_t b = 0; b < nrows * per_row; ++b, x += QK_K, y += 176) {
-        qkx_block(x, qw ? qw + QK_K * (b % per_row) : NULL, 31, y, L);
-        uint8_t *qh = y + 16, *qs = y + 48;
-        memset(qh, 0, 32);
-        for (int g = 0; g < 4; ++g) {
-            for (int l = 0; l < 32; ++l) {
-                const int a = L[64 * g + l], c = L[64 * g + 32 + l];
-                qh[l] |= (uint8_t)(((a >> 4) << (2 * g)) | ((c >> 4) << (2 * g + 1)));
-                qs[32 * g + l] = (uint8_t)((a & 0x0F) | ((c & 0x0F) << 4));
-            }
-        }
-    }
+    qkx_rows(x, y, nrows, n, qw, 31, 176, pack_q5_k);
     return 0;
 }
 
