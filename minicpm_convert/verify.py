@@ -61,6 +61,8 @@ def prompt_tokens(src: Checkpoint, prompt: str | None, tokens: list[int] | None)
             raise ConvertError(f"--tokens: id {bad[0]} is outside the vocabulary (0..{vocab - 1})")
         return tokens
     model = src.folder / "tokenizer.model"
+    if not model.is_file() and (src.folder / "tokenizer.json").is_file():
+        return _tokenizer_json_ids(src, prompt or DEFAULT_PROMPT)
     if not model.is_file():
         raise ConvertError(f"{src.folder}: no tokenizer.model to encode the prompt; pass --tokens")
     from .sources.tokenizer import load_sentencepiece
@@ -68,6 +70,23 @@ def prompt_tokens(src: Checkpoint, prompt: str | None, tokens: list[int] | None)
     ids = [src.spec.bos_token_id if src.spec.bos_token_id is not None else sp.bos_id()]
     ids += sp.encode(prompt or DEFAULT_PROMPT)
     return ids
+
+
+def _tokenizer_json_ids(src: Checkpoint, text: str) -> list[int]:
+    """A model without tokenizer.model (a byte-level BPE in tokenizer.json, as most Llama-architecture
+    models ship): encoded with the `tokenizers` library (transformers' own dependency), BOS first."""
+    path = src.folder / "tokenizer.json"
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        raise ConvertError(f"{path}: reading it needs the 'tokenizers' package (pip install tokenizers), "
+                           "or pass --tokens") from None
+    try:
+        ids = Tokenizer.from_file(str(path)).encode(text).ids
+    except Exception as exc:  # the library raises its own exception types
+        raise ConvertError(f"{path}: not a valid tokenizer ({exc})") from None
+    bos = src.spec.bos_token_id
+    return ids if bos is None or (ids and ids[0] == bos) else [bos, *ids]
 
 
 def text_tokens(src: Checkpoint, text: str | None = None, tokens: list[int] | None = None) -> list[int]:
@@ -301,6 +320,9 @@ def verify(src: Checkpoint, exports: list[Path], tokens: list[int], *, ctx: int 
         report.metadata = metadata_problems(expected_spec(src, target), theirs, target, getattr(source, "arch", None))
         report.metadata += token_id_problems(src, source, target)
         jobs = expected_jobs(src_cached, target)
+        if getattr(source, "rescaling", None):  # an INT4 export's function-preserving column scales
+            from .formats.hf import int4_rescale
+            jobs = {j.name: j for j in int4_rescale.apply(list(jobs.values()), theirs, source.rescaling)}
         report.metadata += tensor_set_problems(jobs, source, target)
         # Logits compare only over the same vocabulary (a truncated one fails on its metadata).
         runs.append({"report": report, "source": LayerCache(source), "jobs": jobs,
