@@ -97,7 +97,7 @@ class _Weights:
 
 
 class _Hessians:
-    """The capture hook: sum of x^T x (float64) per distinct projection input of one block."""
+    """The capture hook: sum of x^T x per distinct projection input of one block."""
 
     def __init__(self, layer: int):
         self.prefix = f"model.layers.{layer}."
@@ -110,8 +110,9 @@ class _Hessians:
         kind = _INPUT_OF.get(_kind(name))
         if kind is None or (kind in ("attn", "mlp") and _kind(name) not in ("q_proj", "gate_proj")):
             return  # k/v see q's input, up sees gate's
-        xx = (x.T @ x).to(torch.float64)
-        self.sums[kind] = self.sums[kind] + xx if kind in self.sums else xx
+        if kind not in self.sums:
+            self.sums[kind] = torch.zeros(x.shape[1], x.shape[1])
+        self.sums[kind].addmm_(x.T, x)  # float32, as GPTQModel and llm-compressor accumulate it
 
     def of(self, name: str) -> torch.Tensor:
         return self.sums[_INPUT_OF[_kind(name)]]
