@@ -10,6 +10,7 @@ are held whole while it is packed.
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from .int4 import Int4Scheme, check_shapes, is_projection, layer_type, packed_te
 from ...progress import progress_bar
 from ...quants import int4
 from ...sources.safetensors_file import safetensors_header, write_tensor
-from ...stream import PARALLEL_CHUNK_VALUES, TensorJob, ordered_map
+from ...stream import PARALLEL_CHUNK_VALUES, TensorJob, ordered_map, worker_threads
 from ...families import family_of
 from ...calibrated import Calibration, GptqQuantizer
 from . import int4_rescale
@@ -115,6 +116,16 @@ def _quantize(job: TensorJob, scheme: Int4Scheme, search: bool, report: ErrorRep
     return {prefix + k: v for k, v in packed.items()}
 
 
+@contextmanager
+def torch_threads(n: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def check_quantizable(ckpt: Checkpoint, jobs: list[TensorJob], group_size: int) -> None:
     """Before anything is written: every projection must cut into whole groups."""
     check_shapes({j.name: j.shape for j in jobs if is_projection(j.name)}, group_size, str(ckpt.folder))
@@ -140,7 +151,11 @@ def write_int4(ckpt: Checkpoint, jobs: list[TensorJob], out: Path, scheme: Int4S
     weight_map: dict[str, str] = {}
     total = 0
     total_in = sum(j.rows * j.row_values * 4 for j in jobs)
-    with progress_bar(f"to-int4 {scheme.format}", total_in, len(jobs), quiet=quiet) as advance:
+    # Data-free, the thread pool runs row chunks side by side: torch's own intra-op threads would
+    # only contend with it. GPTQ's matrix products use them instead.
+    intra = torch.get_num_threads() if calibrated is not None or worker_threads() == 1 else 1
+    with progress_bar(f"to-int4 {scheme.format}", total_in, len(jobs), quiet=quiet) as advance, \
+            torch_threads(intra):
         for i, shard in enumerate(shards, 1):
             fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
             entries = [e for job in shard for e in _entries(job, scheme)]
