@@ -75,6 +75,7 @@ def run(name: str, argv: list[str], log: Path) -> float:
 
 def evaluate(src: Path, folders: dict[str, Path], held: Path) -> dict[str, tuple[float, float]]:
     """name -> (KL mean, perplexity) through transformers, and the source's perplexity as 'source'."""
+    os.environ.setdefault("TQDM_DISABLE", "1")  # compressed-tensors' per-module bars
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging
