@@ -9,7 +9,7 @@ DEMO := out/demo
 MC := $(PYTHON) -m minicpm_convert
 QUANTS := f32 f16 bf16 q8_0 q4_0 q4_K_M q5_K_M q6_K
 
-.PHONY: install install-test fixtures demo test test-vllm test-vllm-ci test-interop bench clean
+.PHONY: install install-test fixtures demo test test-vllm test-vllm-ci test-interop bench bench-int4 clean
 
 $(STAMP)/install: pyproject.toml setup.py minicpm_convert/quants/_kquants.c $(wildcard minicpm_convert/quants/csrc/*)
 	@mkdir -p $(STAMP)
@@ -65,6 +65,11 @@ test-interop:
 
 bench: $(STAMP)/install-test
 	$(PYTHON) benchmarks/bench.py
+
+# INT4 quality (KL, perplexity through transformers) of ours beside llm-compressor's RTN and GPTQ on a
+# real 135M model; llm-compressor in its own cached venv (tests/venvs.py llmcompressor, first build ~3 min).
+bench-int4: $(STAMP)/install-test
+	$(PYTHON) benchmarks/int4_quality.py
 
 clean:
 	rm -rf out $(STAMP) fixtures/build .pytest_cache

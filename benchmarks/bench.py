@@ -13,7 +13,7 @@ records its wall time, CPU time (user + system) and peak RSS (GNU time's, of tha
   to-gguf-q4_K_M to-gguf --quant q4_K_M                   (reference: llama-quantize, same threads)
   to-gguf-q8_0   to-gguf --quant q8_0                     (reference: llama-quantize)
   to-llama       to-llama                                 (reference: copy)
-  to-int4        to-int4 (skipped when the command does not exist)  (reference: copy)
+  to-int4        to-int4, data-free                       (reference: to-gguf q4_K_M)
   llama-quantize llama.cpp's llama_model_quantize of our f16 GGUF to Q4_K_M, all cores
   verify         verify of the q4_K_M file: every tensor's weight check and 512 tokens of text
                  (reference: copy, as it reads the checkpoint and the export whole)
@@ -63,7 +63,7 @@ RUNS = {
     "to-gguf-q4_K_M": ("to-gguf --quant q4_K_M", "llama-quantize", "<= 0.2x llama-quantize"),
     "to-gguf-q8_0": ("to-gguf --quant q8_0", "llama-quantize", ""),
     "to-llama": ("to-llama (bf16)", "copy", "<= 1.5x copy"),
-    "to-int4": ("to-int4 (GPTQ, scale search)", "copy", ""),
+    "to-int4": ("to-int4 (data-free: rescaling + scale search)", "to-gguf-q4_K_M", "<= 1.5x to-gguf q4_K_M"),
     "llama-quantize": ("llama.cpp llama_model_quantize f16 GGUF -> Q4_K_M, all cores", None, ""),
     "verify": (f"verify q4_K_M GGUF: weight check of every tensor, {VERIFY_CTX} tokens of text", "copy",
                "< 120 s, < 2 GB"),

@@ -64,9 +64,10 @@ def _checked(ckpt, command: str, out, notes: Notes) -> list[str]:
     return found
 
 
-def _folder_target(out: PathLike, force: bool, ckpt):
+def _folder_target(out: PathLike, force: bool, ckpt, inputs: list[Path] = ()):
+    """The export folder, refused where it would replace the source or another input of the command."""
     from .output import Protected, folder_output
-    return folder_output(out, force, Protected.of([ckpt.folder]))
+    return folder_output(out, force, Protected.of([ckpt.folder], inputs))
 
 
 def _write_card(tmp: Path, target, make_card, notes: Notes, found: list[str]) -> None:
@@ -294,11 +295,18 @@ def to_gguf(src: PathLike, out: PathLike, *, quant: str = "q4_K_M", arch: str | 
 
 
 def to_int4(src: PathLike, out: PathLike, *, format: str = "gptq", group_size: int = 128, sym: bool = True,
-            search: bool = True, force: bool = False, quiet: bool = True, notes: Notes = None) -> Int4Export:
-    """Write a 4-bit group-quantized Llama-format checkpoint folder (GPTQ v1 or compressed-tensors)."""
-    from .card import int4_card
+            search: bool = True, rescale: bool = True, calibration: PathLike | None = None, samples: int = 128,
+            seq_len: int = 512, act_order: bool = False, force: bool = False, quiet: bool = True,
+            notes: Notes = None) -> Int4Export:
+    """Write a 4-bit group-quantized Llama-format checkpoint folder (GPTQ v1 or compressed-tensors).
+
+    Data-free by default (column rescaling + scale search); `calibration`: a text whose first
+    `samples` x `seq_len` tokens calibrate GPTQ (`act_order`: columns by decreasing activation
+    energy, static groups)."""
+    from .calibrated import Calibration, calibration_samples
     from .formats.hf.int4 import FORMATS, GROUP_SIZES, Int4Scheme
     from .formats.hf.int4_writer import write_int4
+    from .card import int4_card
     from .output import atomic_folder, write_manifest
     from .sources.checkpoint import hub_repo_id
     from .stream import llama_stream
@@ -307,16 +315,32 @@ def to_int4(src: PathLike, out: PathLike, *, format: str = "gptq", group_size: i
         raise ConvertError(f"--format: unknown INT4 format {format!r} ({', '.join(FORMATS)})")
     if group_size not in GROUP_SIZES:
         raise ConvertError(f"--group-size: {group_size} is not one of {', '.join(map(str, GROUP_SIZES))}")
+    if calibration is None and act_order:
+        raise ConvertError("--act-order: needs --calibration (it orders columns by their activations)")
     ckpt = _open(src)
-    target = _folder_target(out, force, ckpt)
+    inputs = [Path(calibration)] if calibration is not None else []
+    target = _folder_target(out, force, ckpt, inputs)
     found = _checked(ckpt, "to-int4", target.path, notes)
     scheme = Int4Scheme(format, group_size, sym)
+    calib = None
+    if calibration is not None:
+        from .verify import text_tokens
+        path = Path(calibration)
+        if seq_len > ckpt.spec.max_position_embeddings:
+            raise ConvertError(f"--seq-len {seq_len} exceeds max_position_embeddings "
+                               f"({ckpt.spec.max_position_embeddings})")
+        tokens = text_tokens(ckpt, read_text(path))
+        calib = Calibration(calibration_samples(tokens, samples, seq_len, ckpt.spec.bos_token_id, str(path)),
+                            path.name, act_order)
     with atomic_folder(target) as tmp:
-        report = write_int4(ckpt, llama_stream(ckpt), tmp, scheme, search=search, quiet=quiet)
+        report = write_int4(ckpt, llama_stream(ckpt), tmp, scheme, search=search, rescale=rescale,
+                            calibration=calib, quiet=quiet)
         _write_card(tmp, target, lambda: int4_card(ckpt, source_name(src), hub_repo_id(src, ckpt.folder), scheme,
-                                                    search, report, _parameters(ckpt), found), notes, found)
+                                                    search, report, _parameters(ckpt), found, rescale=rescale,
+                                                    calibration=calib), notes, found)
         write_manifest(tmp, command="to-int4", source=source_name(src))
-    return Int4Export(target.path, f"INT4 {format}, group {group_size}, {'sym' if sym else 'asym'}", found,
+    method = "GPTQ" if calib is not None else "data-free"
+    return Int4Export(target.path, f"INT4 {format}, group {group_size}, {'sym' if sym else 'asym'}, {method}", found,
                       report=report)
 
 

@@ -225,21 +225,33 @@ def llama_card(ckpt, source: str, repo_id: str | None, architecture: str, dtype:
 
 
 def int4_card(ckpt, source: str, repo_id: str | None, scheme, search: bool, report, params: int,
-              notes: list[str]) -> Card:
-    """The card of a to-int4 export."""
+              notes: list[str], rescale: bool = True, calibration=None) -> Card:
+    """The card of a to-int4 export (`calibration`: the GPTQ calibration it was made with, or None)."""
     name = repo_id or source
     fmt = "GPTQ (v1)" if scheme.format == "gptq" else "compressed-tensors `pack-quantized`"
     flags = f"--format {scheme.format} --group-size {scheme.group_size} {'--sym' if scheme.sym else '--asym'}"
+    flags += ("" if search else " --no-search") + ("" if rescale else " --no-rescale")
+    if calibration is not None:
+        flags += (f" --calibration {calibration.name} --samples {len(calibration.samples)} "
+                  f"--seq-len {calibration.seq_len}{' --act-order' if calibration.act_order else ''}")
+    how_made = ("quantized by GPTQ on calibration text" if calibration is not None
+                else "group-quantized without calibration data")
     summary = (f"{hub_link(repo_id, source)} with 4-bit weights, converted by minicpm-convert {__version__} "
-               f"(`minicpm-convert to-int4 {name} OUT {flags}{'' if search else ' --no-search'}`): the Llama "
+               f"(`minicpm-convert to-int4 {name} OUT {flags}`): the Llama "
                f"format as to-llama writes it, whose seven projections per layer are {fmt}, "
-               "group-quantized without calibration data; embeddings, norms and the head stay float16.")
+               f"{how_made}; embeddings, norms and the head stay float16.")
     rows = ["| layer | round to nearest | this export |", "|---|---|---|"]
     for kind, err in report.by_layer_type().items():
         mine = err["search"] if err["search"] is not None else err["rtn"]
         rows.append(f"| {kind} | {err['rtn']:.4f} | {mine:.4f} |")
     how = ("a per-group search of the scale (and zero) for the least error weighted as llama.cpp's k-quants "
            "weight it, plain rounding among the candidates" if search else "plain rounding to nearest")
+    if calibration is not None:
+        how = (f"GPTQ on {len(calibration.samples)} x {calibration.seq_len} tokens of `{calibration.name}` "
+               f"(group scales by {how})")
+    if rescale:
+        how += ("; before quantizing, o_proj/down_proj input columns were rescaled against v_proj/up_proj "
+                "output rows (the function is unchanged; the scales are in `rescaling.safetensors`)")
     quant = (f"{fmt}, 4 bits, group size {scheme.group_size}, {'symmetric' if scheme.sym else 'asymmetric'}, "
              f"{how}. Mean relative weight error ||W-Ŵ||/||W|| per layer type (`quantization_report.json` has "
              "every tensor's):\n\n" + "\n".join(rows))

@@ -208,11 +208,21 @@ def to_int4(
     group_size: int = typer.Option(128, "--group-size", help="Weights per scale along the input: 32, 64 or 128."),
     sym: bool = typer.Option(True, "--sym/--asym", help="Symmetric (zero 8) or asymmetric (a zero per group)."),
     search: bool = typer.Option(True, "--search/--no-search", help="Search each group's scale (and zero) for the "
-                                "least weighted error; --no-search rounds to nearest."),
+                                "least weighted error; --no-search takes min/max scales (plain rounding without "
+                                "--calibration)."),
+    rescale: bool = typer.Option(True, "--rescale/--no-rescale", help="Balance o_proj/down_proj input columns "
+                                 "against v_proj/up_proj rows before quantizing (function unchanged; scales saved "
+                                 "as rescaling.safetensors for verify)."),
+    calibration: Optional[Path] = typer.Option(None, "--calibration", help="A text (UTF-8) to calibrate GPTQ on: "
+                                               "Hessians of each layer's inputs from our forward pass, layer by layer."),
+    samples: int = typer.Option(128, "--samples", help="With --calibration: sequences taken from the text."),
+    seq_len: int = typer.Option(512, "--seq-len", help="With --calibration: tokens per sequence (BOS first)."),
+    act_order: bool = typer.Option(False, "--act-order", help="With --calibration: GPTQ visits columns by decreasing "
+                                   "activation energy (static groups: g_idx stays trivial)."),
     force: bool = typer.Option(False, "--force", help=FORCE_FOLDER_HELP),
     quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
 ):
-    """Write a 4-bit group-quantized Llama-format checkpoint (no calibration data needed).
+    """Write a 4-bit group-quantized Llama-format checkpoint: data-free, or GPTQ with --calibration.
 
     The seven projections of every block are quantized; embeddings, norms and lm_head stay
     float16. Prints the relative weight error per layer type and writes quantization_report.json;
@@ -221,11 +231,12 @@ def to_int4(
     from . import api
     from .formats.hf.int4_writer import REPORT_FILE
 
-    done = api.to_int4(src, out, format=fmt.value, group_size=group_size, sym=sym, search=search, force=force,
+    done = api.to_int4(src, out, format=fmt.value, group_size=group_size, sym=sym, search=search, rescale=rescale,
+                       calibration=calibration, samples=samples, seq_len=seq_len, act_order=act_order, force=force,
                        quiet=quiet, notes=note)
     if not quiet:
         table = Table(title=f"relative weight error ||W-Ŵ||/||W|| (mean over layers; {REPORT_FILE})")
-        for col in ("layer", "round-to-nearest", "search", "change"):
+        for col in ("layer", "round-to-nearest", "this export", "change"):
             table.add_column(col, justify="left" if col == "layer" else "right")
         for kind, err in done.report.by_layer_type().items():
             found = err["search"]

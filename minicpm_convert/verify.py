@@ -293,6 +293,9 @@ def verify(src: Checkpoint, exports: list[Path], tokens: list[int], *, ctx: int 
         report.metadata = metadata_problems(expected_spec(src, target), theirs, target, getattr(source, "arch", None))
         report.metadata += token_id_problems(src, source, target)
         jobs = expected_jobs(src_cached, target)
+        if getattr(source, "rescaling", None):  # an INT4 export's function-preserving column scales
+            from .formats.hf import int4_rescale
+            jobs = {j.name: j for j in int4_rescale.apply(list(jobs.values()), theirs, source.rescaling)}
         report.metadata += tensor_set_problems(jobs, source, target)
         # Logits compare only over the same vocabulary (a truncated one fails on its metadata).
         runs.append({"report": report, "source": LayerCache(source), "jobs": jobs,

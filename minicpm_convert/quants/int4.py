@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import torch
 
+from .numeric import exact_sqrt
+
 BITS = 4
 QMAX = 15
 SYM_ZERO = 8
@@ -45,7 +47,7 @@ def _codes(x: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
 def _importance(x: torch.Tensor) -> torch.Tensor:
     """Per-value weights of the search's error: |x| plus the group's rms (llama.cpp's Q4_K choice),
     so large values count more, but no value counts for nothing."""
-    return x.abs() + x.square().mean(1, keepdim=True).sqrt()
+    return x.abs() + exact_sqrt(x.square().mean(1, keepdim=True))  # not torch.sqrt: see exact_sqrt
 
 
 def _range(x: torch.Tensor, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -124,3 +124,14 @@ def pack_nibbles32(L: np.ndarray) -> np.ndarray:
     """32-weight blocks: ``qs[j] = L[j] | L[j+16] << 4``; L uint8 ``[..., 32]`` -> ``[..., 16]``."""
     L = L.astype(np.uint8)
     return (L[..., :16] & 0x0F) | ((L[..., 16:] & 0x0F) << 4)
+
+
+def exact_sqrt(t):
+    """The correctly rounded square root of a torch tensor (float32 or float64), as IEEE defines it.
+
+    torch.sqrt goes through MKL's vector math, which on AVX-512 machines is not correctly rounded
+    for float32 or float64 (measured: MKL_ENABLE_INSTRUCTIONS=AVX2 changes its last bits), so an
+    export whose choices depend on a square root would differ from machine to machine. NumPy's
+    sqrt is the hardware's correctly rounded instruction."""
+    import torch
+    return torch.from_numpy(np.asarray(np.sqrt(t.detach().contiguous().numpy())))

@@ -39,6 +39,7 @@ class Int4Source:
         self.kind = self.scheme.kind
         self._shapes = expected_shapes(self.spec)
         self._check_tensors()
+        self.rescaling = self._rescaling()
         self._cache: tuple[str, torch.Tensor] | None = None  # the last decoded projection
 
     def _check_tensors(self) -> None:
@@ -57,6 +58,23 @@ class Int4Source:
                 # Packed words must be the integer type; scales may be any float type.
                 if dtype is not None and actual != dtype and not (dtype in FLOATS and actual in FLOATS):
                     raise ConvertError(f"{self.folder}: tensor '{tensor}' is {actual}, expected {dtype}")
+
+    def _rescaling(self) -> dict[str, torch.Tensor]:
+        """The column scales the export was rescaled by (int4_rescale.py), checked; {} if none."""
+        from ..formats.hf import int4_rescale
+        path = self.folder / int4_rescale.FILE
+        if not path.is_file():
+            return {}
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+        try:
+            scales = {k: v.to(torch.float32) for k, v in load_file(str(path)).items()}
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise ConvertError(f"{path}: cannot read ({exc})") from None
+        problems = int4_rescale.check(scales, self.spec, self._shapes, str(path))
+        if problems:
+            raise ConvertError(problems[0])
+        return scales
 
     # -- WeightSource ----------------------------------------------------------------------------
     def has(self, name: str) -> bool:

@@ -12,6 +12,7 @@ import torch
 
 from minicpm_convert import reference
 from minicpm_convert.sources.checkpoint import Checkpoint
+from minicpm_convert.formats.hf import int4_rescale
 from minicpm_convert.formats.hf.int4 import is_projection
 from minicpm_convert.sources.int4 import Int4Source
 from minicpm_convert.families import expected_shapes
@@ -141,7 +142,10 @@ def unpack_gptq_v1(qweight, qzeros, scales, g_idx):
 def test_gptq_files_decode_to_exactly_the_quantized_weights(name, group_size, sym, int4_export, fixture_path):
     folder = int4_export(name, "gptq", group_size, sym)
     stored = Checkpoint(folder, validate=False)
-    for job in llama_stream(Checkpoint(fixture_path(name))):
+    source = Int4Source(folder)  # the weights were rescaled first (by the scales written beside them)
+    jobs = int4_rescale.apply(llama_stream(Checkpoint(fixture_path(name))), source.spec, source.rescaling)
+    assert source.rescaling, "the default rescales"
+    for job in jobs:
         prefix = job.name.removesuffix("weight")
         if not is_projection(job.name):
             assert torch.equal(stored.get(job.name), job.read_all().half()), job.name
@@ -182,11 +186,12 @@ def test_transformers_loads_gptq_export(sym, int4_export, fixture_path):
 
 # -- (d) the command line ------------------------------------------------------------------------
 @pytest.mark.parametrize("fmt", ["gptq", "compressed-tensors"])
-def test_to_int4_then_verify_passes(fmt, int4_export, fixture_path):
+def test_to_int4_then_verify_passes(fmt, int4_export, fixture_path, tmp_path):
     for name, sym in (("tiny", True), ("untied", False)):
-        code, out, err = run_cli("verify", fixture_path(name), int4_export(name, fmt, 64, sym))
+        code, out, err = run_cli("verify", fixture_path(name), int4_export(name, fmt, 64, sym), "--json",
+                                 tmp_path / f"{name}.json")
         assert code == 0, out + err
-        assert f"int4-{fmt}" in out
+        assert json.loads((tmp_path / f"{name}.json").read_text())["exports"][0]["kind"] == f"int4-{fmt}"
 
 
 def test_report_file_and_table(fixture_path, tmp_path):

@@ -79,9 +79,9 @@ def check_shapes(shapes: dict[str, tuple[int, ...]], group_size: int, where: str
                                "(INT4 packs 8 output columns per zero-point word)")
 
 
-def quantization_config(scheme: Int4Scheme, search: bool) -> dict:
-    """config.json's `quantization_config` (and GPTQ's quantize_config.json)."""
-    method = "minmax-search" if search else "round-to-nearest"
+def quantization_config(scheme: Int4Scheme, method: str) -> dict:
+    """config.json's `quantization_config` (and GPTQ's quantize_config.json); `method` says how the
+    codes were chosen (int4_writer.method_name)."""
     if scheme.format == "gptq":
         return {
             "quant_method": "gptq",

@@ -1,0 +1,103 @@
+"""GPTQ (Frantar et al. 2022) for one Linear weight, written from the paper and the published
+descriptions of GPTQModel and llm-compressor, on our 4-bit group grid (`int4.py`).
+
+Given the Hessian H = sum x x^T of the layer's inputs (the calibration activations that multiply
+W), the columns of W are quantized one after another and the error of each is spread over the
+columns not yet quantized, along the inverse Hessian's Cholesky factor, so that the *output*
+error ||(W - W_hat) X|| rather than the weight error is what gets minimised:
+
+- damping: H + damp * mean(diag H) * I (a column no token reached gets H_jj = 1 and weight 0);
+- lazy batches: columns go in blocks of `block`; inside a block the update is column by column,
+  the rest of W is updated once per block with one matrix product;
+- group scales: chosen when the group's first column comes up, from the columns as they are by
+  then (error from earlier groups included), by our scale search (`int4.quantize_groups`), not
+  min/max;
+- act-order with static groups: columns are visited by decreasing H_jj, but every group's scale
+  is fixed up front from the original weights, so a column keeps its own group, codes are stored
+  in the original order and `g_idx` stays arange(in) // group_size (v1 loaders, Marlin).
+
+The result is codes, float16-valued scales and zeros in `int4.quantize_groups`' layout.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import int4
+
+DAMP = 0.01
+BLOCK = 128
+
+
+def inverse_hessian_factor(h: torch.Tensor, damp: float = DAMP) -> torch.Tensor:
+    """Upper Cholesky factor of (H + damp*mean(diag H)*I)^-1, float32 (GPTQ's Hinv)."""
+    h = h.to(torch.float64).clone()
+    n = h.shape[0]
+    mean = h.diagonal().mean().item()
+    extra = damp * (mean if mean > 0 else 1.0)
+    for attempt in range(6):  # more damping until the factorisation succeeds (rank-deficient H)
+        try:
+            l = torch.linalg.cholesky(h + extra * torch.eye(n, dtype=h.dtype))
+            inv = torch.cholesky_inverse(l)
+            return torch.linalg.cholesky(inv, upper=True).to(torch.float32)
+        except RuntimeError:  # torch.linalg.LinAlgError subclasses RuntimeError
+            extra *= 10
+    raise ValueError("the Hessian is not positive definite even with strong damping")
+
+
+def gptq(w: torch.Tensor, h: torch.Tensor, group_size: int, sym: bool = True, search: bool = True,
+         damp: float = DAMP, block: int = BLOCK, act_order: bool = False
+         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(codes uint8 [out,in], scales f32 [out,in/g], zeros uint8 [out,in/g]) of `w` [out,in]
+    quantized with the input Hessian `h` [in,in]."""
+    out, inp = w.shape
+    if inp % group_size:
+        raise ValueError(f"input size {inp} is not a multiple of group size {group_size}")
+    if h.shape != (inp, inp):
+        raise ValueError(f"Hessian of shape {tuple(h.shape)} for a weight with {inp} inputs")
+    w = w.detach().to(torch.float32).clone()
+    if not torch.isfinite(w).all():
+        raise ValueError("weight contains NaN or Inf")
+    h = h.to(torch.float64).clone()
+    dead = h.diagonal() == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    groups = inp // group_size
+    block = max(group_size, block // group_size * group_size)
+    scales = torch.empty(out, groups)
+    zeros = torch.empty(out, groups, dtype=torch.uint8)
+
+    def fix_group(k: int, cols: torch.Tensor) -> None:
+        _, s, z = int4.quantize_groups(cols, group_size, sym, search)
+        scales[:, k], zeros[:, k] = s[:, 0], z[:, 0]
+
+    perm = None
+    if act_order:
+        for k in range(groups):  # static groups: every scale from the original weights
+            fix_group(k, w[:, k * group_size:(k + 1) * group_size])
+        perm = torch.argsort(h.diagonal(), descending=True, stable=True)
+        w, h = w[:, perm], h[perm][:, perm]
+    hinv = inverse_hessian_factor(h, damp)
+    group_of = (perm if perm is not None else torch.arange(inp)) // group_size
+    codes = torch.empty(out, inp, dtype=torch.uint8)
+    for b0 in range(0, inp, block):
+        b1 = min(inp, b0 + block)
+        w1 = w[:, b0:b1].clone()
+        err = torch.zeros_like(w1)
+        h1 = hinv[b0:b1, b0:b1]
+        for j in range(b1 - b0):
+            col = b0 + j
+            k = int(group_of[col])
+            if perm is None and col % group_size == 0:
+                fix_group(k, w1[:, j:j + group_size])  # blocks hold whole groups
+            s, z = scales[:, k], zeros[:, k].to(torch.float32)
+            x = w1[:, j]
+            q = torch.clamp(torch.round(x / s) + z, 0, int4.QMAX)
+            codes[:, col] = q.to(torch.uint8)
+            e = (x - (q - z) * s) / h1[j, j]
+            w1[:, j:] -= e.unsqueeze(1) * h1[j, j:].unsqueeze(0)
+            err[:, j] = e
+        w[:, b1:] -= err @ hinv[b0:b1, b1:]
+    if perm is not None:
+        codes = codes[:, torch.argsort(perm)]
+    return codes, scales, zeros

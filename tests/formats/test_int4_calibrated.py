@@ -1,0 +1,105 @@
+"""to-int4 --calibration (GPTQ): transformers + compressed-tensors loads the export and matches
+our reference on its dequantized weights; the same command gives the same bytes whatever the
+thread count; GPTQ lowers the error of each block's output on the calibration activations; bad
+calibration files are one line and exit 2, with nothing written."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+import torch
+
+from minicpm_convert.sources.checkpoint import Checkpoint
+from minicpm_convert.verify import prompt_tokens
+from tests.conftest import ROOT, run_cli
+from tests.formats.test_int4 import transformers_logits
+from tests.requirements import require
+
+CALIBRATION = ROOT / "tests" / "data" / "calibration.md"
+SMALL = ("--samples", "8", "--seq-len", "128")
+
+
+def calibrated(fixture_path, out, *extra):
+    code, _, err = run_cli("to-int4", fixture_path("gqa"), out, "--format", "compressed-tensors", "--group-size", "64",
+                           "--calibration", CALIBRATION, *SMALL, "-q", *extra)
+    assert code == 0, err
+    return out
+
+
+def digests(folder):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def gptq_export(tmp_path_factory, fixture_path):
+    return calibrated(fixture_path, tmp_path_factory.mktemp("gptq") / "ct")
+
+
+def test_transformers_loads_the_gptq_export(gptq_export, fixture_path):
+    require("compressed_tensors")
+    from minicpm_convert import reference
+    from minicpm_convert.sources.int4 import Int4Source
+    from minicpm_convert.verify import compare
+
+    tokens = prompt_tokens(Checkpoint(fixture_path("gqa")), None, None)
+    got = transformers_logits(gptq_export, tokens)
+    same_weights = compare(reference.forward(Int4Source(gptq_export), tokens), got)
+    assert same_weights["rel_err"] < 1e-3, same_weights
+
+
+def test_same_bytes_whatever_the_thread_count(gptq_export, fixture_path, tmp_path, monkeypatch):
+    monkeypatch.setenv("MINICPM_CONVERT_THREADS", "1")
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        again = calibrated(fixture_path, tmp_path / "again")
+    finally:
+        torch.set_num_threads(before)
+    assert digests(again) == digests(gptq_export)
+
+
+def test_act_order_export_has_trivial_g_idx(fixture_path, tmp_path):
+    code, _, err = run_cli("to-int4", fixture_path("tiny"), tmp_path / "g", "--group-size", "64", "--calibration",
+                           CALIBRATION, *SMALL, "--act-order", "-q")
+    assert code == 0, err
+    from minicpm_convert.sources.int4 import Int4Source
+    source = Int4Source(tmp_path / "g")  # refuses a g_idx that is not arange(in) // group_size
+    source.dequantized("model.layers.0.mlp.down_proj.weight")
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "is empty"),
+    (b"  \n\t\n", "is empty"),
+    (b"PK\x03\x04\x00\x00binary", "not a text file"),
+    (b"\xff\xfe\xfa not utf-8", "not UTF-8 text"),
+    (b"only a few words of text", "needs 1024 (give more text, or fewer or shorter samples)"),
+])
+def test_bad_calibration_file_is_one_line_exit_2(content, message, fixture_path, tmp_path):
+    text = tmp_path / "calib.txt"
+    text.write_bytes(content)
+    code, out, err = run_cli("to-int4", fixture_path("tiny"), tmp_path / "out", "--calibration", text, *SMALL)
+    assert code == 2, out + err
+    assert message in err and str(text) in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--samples", "0"), "--samples: must be at least 1"),
+    (("--seq-len", "1"), "--seq-len: must be at least 2"),
+    (("--seq-len", "100000"), "--seq-len 100000 exceeds max_position_embeddings"),
+])
+def test_bad_calibration_options(args, message, fixture_path, tmp_path):
+    code, _, err = run_cli("to-int4", fixture_path("tiny"), tmp_path / "out", "--calibration", CALIBRATION, *args)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_act_order_needs_calibration(fixture_path, tmp_path):
+    code, _, err = run_cli("to-int4", fixture_path("tiny"), tmp_path / "out", "--act-order")
+    assert code == 2 and "--act-order: needs --calibration" in err
+
+
+def test_missing_calibration_file(fixture_path, tmp_path):
+    code, _, err = run_cli("to-int4", fixture_path("tiny"), tmp_path / "out", "--calibration", tmp_path / "nope.txt")
+    assert code == 2 and "nope.txt" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
