@@ -6,13 +6,16 @@ Every vLLM run of the session is batched into one runner process (vLLM's import 
 `make test-vllm-ci` skips the `slow` ones.  Without the venv (`python tests/venvs.py vllm`)
 they skip, and fail under CI=true.
 
-Bounds (verify's own, README "How verify decides"):
-- vLLM computing in float32 is lossless against our reference on the same export file:
-  llama-float32 (rel err 1e-4, top-1 100%, KL 1e-6) and the same greedy tokens.  Measured on
+Bounds on vLLM's logits (relative error of the logits, same-top-1 share, mean KL divergence):
+- vLLM computing in float32 is lossless against our reference on the same export file
+  (LOSSLESS: rel err 1e-4, top-1 100%, KL 1e-6) and gives the same greedy tokens.  Measured on
   every fixture: rel err <= 1.3e-6, KL <= 3e-12, 16/16 greedy tokens.
 - vLLM computing in bfloat16 (its default for a bf16 file) rounds activations too; it must
-  still meet llama-bfloat16 (rel err 3e-2, top-1 90%, KL 2e-3) against the MiniCPM original.
+  still meet BF16_COMPUTE (rel err 3e-2, top-1 90%, KL 2e-3) against the MiniCPM original.
   Measured: rel err <= 0.0142, KL <= 3.7e-4, top-1 >= 95.5% (transformers in bf16: KL <= 1.9e-4).
+- An INT4 export: vLLM's logits meet BF16_COMPUTE against our reference on the export's own
+  (dequantized) weights, and the export itself passes `verify` (every weight within its group's
+  bound): what 4 bits lose is judged on the weights, not by a logit threshold fitted to fixtures.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import subprocess
 import sys
 from functools import cache
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -29,12 +33,26 @@ import torch
 from minicpm_convert import reference
 from minicpm_convert.sources.checkpoint import Checkpoint
 from minicpm_convert.sources import open_export
-from minicpm_convert.verify import THRESHOLDS, judge, prompt_tokens
-from tests.conftest import ROOT
+from minicpm_convert.verify import prompt_tokens
+from tests.conftest import ROOT, run_cli
 from tests.venvs import find
 from tests.vllm.client import figures, run_jobs
 
 GREEDY_TOKENS = 16
+
+
+class Bound(NamedTuple):
+    rel_err: float
+    top1: float
+    kl: float
+
+
+LOSSLESS = Bound(rel_err=1e-4, top1=1.0, kl=1e-6)  # float32 compute: summation order only
+BF16_COMPUTE = Bound(rel_err=3e-2, top1=0.9, kl=2e-3)  # activations rounded to bfloat16
+
+
+def within(metrics: dict[str, float], bound: Bound) -> bool:
+    return metrics["rel_err"] <= bound.rel_err and metrics["top1"] >= bound.top1 and metrics["kl"] <= bound.kl
 
 
 class Case:
@@ -139,7 +157,7 @@ def test_float32_is_lossless(case, vllm_results, exports, tokens):
     source, _ = open_export(exports(case))
     prompt = tokens(case.fixture)
     got = figures(reference.forward(source, prompt), result["logprobs"])
-    assert judge(got, THRESHOLDS["llama-float32"]), got
+    assert within(got, LOSSLESS), got
     assert result["greedy"] == reference_greedy(source, prompt, GREEDY_TOKENS)
 
 
@@ -149,7 +167,7 @@ def test_bfloat16_meets_the_bf16_bound(case, vllm_results, fixture_path, tokens)
     result = served(case, vllm_results)
     original = reference.forward(Checkpoint(fixture_path(case.fixture)), tokens(case.fixture))
     got = figures(original, result["logprobs"])
-    assert judge(got, THRESHOLDS["llama-bfloat16"]), got
+    assert within(got, BF16_COMPUTE), got
 
 
 def position_kl(reference_logits: torch.Tensor, logprobs: list[list[float]]) -> torch.Tensor:
@@ -171,10 +189,9 @@ def test_moe_bfloat16_meets_the_bf16_bound_but_for_flipped_experts(case, vllm_re
     result = served(case, vllm_results)
     prompt = tokens(case.fixture)
     original = reference.forward(Checkpoint(fixture_path(case.fixture)), prompt)
-    bound = THRESHOLDS["llama-bfloat16"]
-    assert figures(original, result["logprobs"])["top1"] >= bound.top1
+    assert figures(original, result["logprobs"])["top1"] >= BF16_COMPUTE.top1
     kl = position_kl(original, result["logprobs"])
-    assert kl.median() <= bound.kl, kl
+    assert kl.median() <= BF16_COMPUTE.kl, kl
 
 
 # vLLM 0.32's GPTQ path (AutoGPTQConfig) maps only (4 bits, symmetric) to a kernel type.
@@ -187,8 +204,8 @@ NO_INT4_KERNEL = "cpu_gemm_wna16"
 def test_int4_export(case, vllm_results, exports, fixture_path, tokens):
     """vLLM detects the method and loads every packed tensor (its loaders assert each shape);
     where this CPU has vLLM's INT4 kernel, the logits are checked like the dense exports: in
-    its 16-bit compute against our reference on the same dequantized weights (llama-bfloat16),
-    and against the original within verify's INT4 bound."""
+    its 16-bit compute against our reference on the same dequantized weights (BF16_COMPUTE),
+    and the export passes verify against the original (every weight within its group's bound)."""
     result = vllm_results[case.id]
     sym = "--sym" in case.command
     if case.command[2] == "gptq" and not sym:
@@ -202,9 +219,9 @@ def test_int4_export(case, vllm_results, exports, fixture_path, tokens):
                      "compiled for AVX-512 only)")
     assert "error" not in result, result["error"]
     folder = exports(case)
-    source, kind = open_export(folder)
+    source, _ = open_export(folder)
     prompt = tokens(case.fixture)
     same_weights = figures(reference.forward(source, prompt), result["logprobs"])
-    assert judge(same_weights, THRESHOLDS["llama-bfloat16"]), same_weights
-    original = figures(reference.forward(Checkpoint(fixture_path(case.fixture)), prompt), result["logprobs"])
-    assert judge(original, THRESHOLDS[kind]), original
+    assert within(same_weights, BF16_COMPUTE), same_weights
+    code, out, err = run_cli("verify", fixture_path(case.fixture), folder)
+    assert code == 0, out + err
