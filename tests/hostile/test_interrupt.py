@@ -42,11 +42,14 @@ def start(*args, preexec_fn=None) -> subprocess.Popen:
 
 
 def wait_for_partial(proc: subprocess.Popen, folder: Path, name: str, timeout: float = 120) -> Path:
-    """The temporary `.NAME.partial-PID` of this process, once it holds some bytes."""
+    """The temporary `.NAME.partial-PID` of this process, once it holds some bytes; the process is
+    then stopped (SIGSTOP), so that a signal sent next lands while the output is being written
+    however fast the conversion is (resume it with `interrupt`, or kill it)."""
     tmp = folder / f".{name}{PARTIAL}{proc.pid}"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if tmp.exists() and (tmp.is_dir() and any(tmp.iterdir()) or tmp.is_file() and tmp.stat().st_size > 0):
+            proc.send_signal(signal.SIGSTOP)
             return tmp
         assert proc.poll() is None, f"finished before it could be interrupted: {proc.communicate()}"
         time.sleep(0.02)
@@ -61,7 +64,8 @@ def test_ctrl_c_removes_the_temporary(command, name, big_checkpoint, tmp_path):
     out.mkdir()
     proc = start(command[0], big_checkpoint, out / name, *command[1:])
     wait_for_partial(proc, out, name)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGINT)  # pending until the process runs again
+    proc.send_signal(signal.SIGCONT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert err.strip().splitlines() == ["interrupted; no output was written"], err
