@@ -62,7 +62,11 @@ def wait_for_partial(proc: subprocess.Popen, folder: Path, name: str, timeout: f
 def test_ctrl_c_removes_the_temporary(command, name, big_checkpoint, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    proc = start(command[0], big_checkpoint, out / name, *command[1:])
+    # As in a terminal: SIGINT at its default action. A shell starting a job in the background (as
+    # CI may run the tests) ignores SIGINT for it, children inherit that, and Python then installs
+    # no KeyboardInterrupt handler: the signal would be ignored, as it should be for such a job.
+    proc = start(command[0], big_checkpoint, out / name, *command[1:],
+                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     wait_for_partial(proc, out, name)
     proc.send_signal(signal.SIGINT)  # pending until the process runs again
     proc.send_signal(signal.SIGCONT)
