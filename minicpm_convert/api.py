@@ -296,13 +296,13 @@ def to_gguf(src: PathLike, out: PathLike, *, quant: str = "q4_K_M", arch: str | 
 
 def to_int4(src: PathLike, out: PathLike, *, format: str = "gptq", group_size: int = 128, sym: bool = True,
             search: bool = True, rescale: bool = True, calibration: PathLike | None = None, samples: int = 128,
-            seq_len: int = 512, act_order: bool = False, force: bool = False, quiet: bool = True,
+            seq_len: int = 512, act_order: bool | None = None, force: bool = False, quiet: bool = True,
             notes: Notes = None) -> Int4Export:
     """Write a 4-bit group-quantized Llama-format checkpoint folder (GPTQ v1 or compressed-tensors).
 
     Data-free by default (column rescaling + scale search); `calibration`: a text whose first
     `samples` x `seq_len` tokens calibrate GPTQ (`act_order`: columns by decreasing activation
-    energy, static groups)."""
+    energy, static groups; None: on with calibration)."""
     from .calibrated import Calibration, calibration_samples
     from .formats.hf.int4 import FORMATS, GROUP_SIZES, Int4Scheme
     from .formats.hf.int4_writer import write_int4
@@ -317,6 +317,7 @@ def to_int4(src: PathLike, out: PathLike, *, format: str = "gptq", group_size: i
         raise ConvertError(f"--group-size: {group_size} is not one of {', '.join(map(str, GROUP_SIZES))}")
     if calibration is None and act_order:
         raise ConvertError("--act-order: needs --calibration (it orders columns by their activations)")
+    act_order = calibration is not None and act_order is not False
     ckpt = _open(src)
     inputs = [Path(calibration)] if calibration is not None else []
     target = _folder_target(out, force, ckpt, inputs)

@@ -36,7 +36,7 @@ _INPUT_OF = {"q_proj": "attn", "k_proj": "attn", "v_proj": "attn", "o_proj": "o"
 class Calibration:
     samples: list[list[int]]  # token ids, seq_len each, BOS first
     name: str  # the file's name, for the report
-    act_order: bool = False
+    act_order: bool = True
 
     @property
     def seq_len(self) -> int:

@@ -233,7 +233,7 @@ def int4_card(ckpt, source: str, repo_id: str | None, scheme, search: bool, repo
     flags += ("" if search else " --no-search") + ("" if rescale else " --no-rescale")
     if calibration is not None:
         flags += (f" --calibration {calibration.name} --samples {len(calibration.samples)} "
-                  f"--seq-len {calibration.seq_len}{' --act-order' if calibration.act_order else ''}")
+                  f"--seq-len {calibration.seq_len}{'' if calibration.act_order else ' --no-act-order'}")
     how_made = ("quantized by GPTQ on calibration text" if calibration is not None
                 else "group-quantized without calibration data")
     summary = (f"{hub_link(repo_id, source)} with 4-bit weights, converted by minicpm-convert {__version__} "

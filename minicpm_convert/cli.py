@@ -214,13 +214,13 @@ def to_int4(
                                  "against v_proj/up_proj rows before quantizing (function unchanged; scales saved "
                                  "as rescaling.safetensors for verify)."),
     calibration: Optional[Path] = typer.Option(None, "--calibration", help="A text (UTF-8) to calibrate GPTQ on: "
-                                               "Hessians of each layer's inputs from our forward pass, layer by layer. "
-                                               "Caveat: on real models verify's INT4 weight bound can fail "
-                                               "such an export (GPTQ moves weights by design; see README)."),
+                                               "Hessians of each layer's inputs from our forward pass, layer by layer."),
     samples: int = typer.Option(128, "--samples", help="With --calibration: sequences taken from the text."),
     seq_len: int = typer.Option(512, "--seq-len", help="With --calibration: tokens per sequence (BOS first)."),
-    act_order: bool = typer.Option(False, "--act-order", help="With --calibration: GPTQ visits columns by decreasing "
-                                   "activation energy (static groups: g_idx stays trivial)."),
+    act_order: Optional[bool] = typer.Option(None, "--act-order/--no-act-order", help="With --calibration: GPTQ "
+                                             "visits columns by decreasing activation energy, with static groups "
+                                             "(g_idx stays trivial); on by default, as llm-compressor's "
+                                             "actorder=static."),
     force: bool = typer.Option(False, "--force", help=FORCE_FOLDER_HELP),
     quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
 ):

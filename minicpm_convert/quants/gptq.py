@@ -12,9 +12,14 @@ error ||(W - W_hat) X|| rather than the weight error is what gets minimised:
 - group scales: chosen when the group's first column comes up, from the columns as they are by
   then (error from earlier groups included), by our scale search (`int4.quantize_groups`), not
   min/max;
-- act-order with static groups: columns are visited by decreasing H_jj, but every group's scale
-  is fixed up front from the original weights, so a column keeps its own group, codes are stored
-  in the original order and `g_idx` stays arange(in) // group_size (v1 loaders, Marlin).
+- act-order with static groups (the default, as llm-compressor's actorder=static): columns are
+  visited by decreasing H_jj, but every group's scale is fixed up front from the original
+  weights, so a column keeps its own group, codes are stored in the original order and `g_idx`
+  stays arange(in) // group_size (v1 loaders, Marlin). These scales are searched with each
+  column's error weighted by its activation energy H_jj (what the output error weighs it by)
+  rather than by |w|: measured on SmolLM2-135M (64 x 256 calibration tokens, held-out text),
+  layer 28's down_proj output error 0.147 -> 0.104 of plain rounding's, others 0-5% lower;
+  act-order itself took q_proj of layer 5 from 0.39 to 0.32.
 
 The result is codes, float16-valued scales and zeros in `int4.quantize_groups`' layout.
 """
@@ -46,7 +51,7 @@ def inverse_hessian_factor(h: torch.Tensor, damp: float = DAMP) -> torch.Tensor:
 
 
 def gptq(w: torch.Tensor, h: torch.Tensor, group_size: int, sym: bool = True, search: bool = True,
-         damp: float = DAMP, block: int = BLOCK, act_order: bool = False
+         damp: float = DAMP, block: int = BLOCK, act_order: bool = True
          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(codes uint8 [out,in], scales f32 [out,in/g], zeros uint8 [out,in/g]) of `w` [out,in]
     quantized with the input Hessian `h` [in,in]."""
@@ -67,14 +72,18 @@ def gptq(w: torch.Tensor, h: torch.Tensor, group_size: int, sym: bool = True, se
     scales = torch.empty(out, groups)
     zeros = torch.empty(out, groups, dtype=torch.uint8)
 
-    def fix_group(k: int, cols: torch.Tensor) -> None:
-        _, s, z = int4.quantize_groups(cols, group_size, sym, search)
+    def fix_group(k: int, cols: torch.Tensor, energy: torch.Tensor | None = None) -> None:
+        _, s, z = int4.quantize_groups(cols, group_size, sym, search, energy)
         scales[:, k], zeros[:, k] = s[:, 0], z[:, 0]
 
     perm = None
     if act_order:
+        diag = h.diagonal().to(torch.float32)
         for k in range(groups):  # static groups: every scale from the original weights
-            fix_group(k, w[:, k * group_size:(k + 1) * group_size])
+            energy = diag[k * group_size:(k + 1) * group_size]
+            # relative to the group's mean (scale-free), never 0 (a dead column still has a value)
+            energy = energy / energy.mean().clamp_min(1e-30) + 1e-6
+            fix_group(k, w[:, k * group_size:(k + 1) * group_size], energy)
         perm = torch.argsort(h.diagonal(), descending=True, stable=True)
         w, h = w[:, perm], h[perm][:, perm]
     hinv = inverse_hessian_factor(h, damp)

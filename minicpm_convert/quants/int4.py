@@ -146,7 +146,8 @@ def _search_asym(x, weights, s0, z0, xmin, xmax) -> tuple[torch.Tensor, torch.Te
     return search.s, search.z
 
 
-def _quantize_block(x: torch.Tensor, sym: bool, search: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _quantize_block(x: torch.Tensor, sym: bool, search: bool, weights: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     xmin, xmax = _range(x, sym)
     s = fp16_scale((xmax - xmin) / QMAX)
     if not torch.isfinite(s).all():
@@ -157,7 +158,7 @@ def _quantize_block(x: torch.Tensor, sym: bool, search: bool) -> tuple[torch.Ten
         s = torch.where(torch.round(-xmin / s) < 1, fp16_scale(xmax / (QMAX - 1)), s)
     z = torch.full_like(s, SYM_ZERO) if sym else _asym_zero(xmin, s)
     if search:
-        weights = _importance(x)
+        weights = _importance(x) if weights is None else weights.expand_as(x)
         if sym:
             s = _search_sym(x, weights, s)
         else:
@@ -169,9 +170,11 @@ def _quantize_block(x: torch.Tensor, sym: bool, search: bool) -> tuple[torch.Ten
 BLOCK_VALUES = 1 << 18
 
 
-def quantize_groups(w: torch.Tensor, group_size: int, sym: bool = True, search: bool = True
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(codes uint8 [out,in] 0..15, scales f32 [out,in/g] (float16 values), zeros uint8 [out,in/g])."""
+def quantize_groups(w: torch.Tensor, group_size: int, sym: bool = True, search: bool = True,
+                    column_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(codes uint8 [out,in] 0..15, scales f32 [out,in/g] (float16 values), zeros uint8 [out,in/g]).
+    `column_weights` [group_size], positive: the search's error weight of each column (one group
+    of columns, e.g. GPTQ's activation energy), instead of |x| + the group's rms."""
     out, inp = w.shape
     if inp % group_size:
         raise ValueError(f"input size {inp} is not a multiple of group size {group_size}")
@@ -179,7 +182,10 @@ def quantize_groups(w: torch.Tensor, group_size: int, sym: bool = True, search: 
     if not torch.isfinite(x).all():
         raise ValueError("weight contains NaN or Inf")
     step = max(1, BLOCK_VALUES // group_size)
-    blocks = [_quantize_block(x[i:i + step], sym, search) for i in range(0, x.shape[0], step)]
+    if column_weights is not None and inp != group_size:
+        raise ValueError("column_weights applies to one group of columns")
+    cw = None if column_weights is None else column_weights.to(torch.float32).reshape(1, group_size)
+    blocks = [_quantize_block(x[i:i + step], sym, search, cw) for i in range(0, x.shape[0], step)]
     codes, scales, zeros = (torch.cat(parts) for parts in zip(*blocks))
     groups = inp // group_size
     return (codes.to(torch.uint8).reshape(out, inp), scales.reshape(out, groups),
