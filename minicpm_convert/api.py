@@ -321,8 +321,9 @@ def to_int4(src: PathLike, out: PathLike, *, format: str = "gptq", group_size: i
         sym = format != "awq"
     elif sym and format == "awq":
         raise ConvertError("--sym: the AWQ format is asymmetric only (AutoAWQ packs GEMM weights with a zero "
-                           "point, and a zero_point=false config is read as unsigned codes without one); "
-                           "use --asym (the default for awq), or --format gptq / compressed-tensors")
+                           "point; its zero_point=false variant loaders decode differently: vLLM assumes zero 8, "
+                           "gptqmodel reads the stored zeros); use --asym (the default for awq), or --format gptq "
+                           "or compressed-tensors for symmetric")
     if calibration is None and act_order:
         raise ConvertError("--act-order: needs --calibration (it orders columns by their activations)")
     ckpt = _open(src)
