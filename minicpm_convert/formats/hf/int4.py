@@ -1,7 +1,7 @@
 """What an INT4 export holds on disk: the tensors of each quantized Linear and the config keys.
 
 Shared by the writer (`int4_writer.py`) and the reader (`sources/int4.py`) so the two cannot
-disagree. Two formats (facts §7):
+disagree. Three formats (facts §7):
 - `gptq`: GPTQ v1 as GPTQModel/AutoGPTQ write it, read by transformers (+optimum +gptqmodel),
   vLLM and SGLang. Per layer P: P.qweight, P.qzeros, P.scales, P.g_idx.
 - `compressed-tensors`: `pack-quantized` as llm-compressor writes it, read by transformers (with
