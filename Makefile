@@ -38,9 +38,10 @@ demo: fixtures
 	$(MC) to-gguf fixtures/build/tiny $(DEMO)/tiny-llama-q4_K_M.gguf --quant q4_K_M --arch llama --force
 	$(MC) to-int4 fixtures/build/tiny $(DEMO)/tiny-int4-gptq --force
 	$(MC) to-int4 fixtures/build/tiny $(DEMO)/tiny-int4-ct --format compressed-tensors --force
+	$(MC) to-int4 fixtures/build/tiny $(DEMO)/tiny-int4-awq --format awq --force
 	$(MC) verify fixtures/build/tiny $(DEMO)/tiny-llama $(DEMO)/tiny-llama-f32 \
 		$(foreach q,$(QUANTS),$(DEMO)/tiny-$(q).gguf) $(DEMO)/tiny-llama-q4_K_M.gguf \
-		$(DEMO)/tiny-int4-gptq $(DEMO)/tiny-int4-ct --json $(DEMO)/parity.json --force
+		$(DEMO)/tiny-int4-gptq $(DEMO)/tiny-int4-ct $(DEMO)/tiny-int4-awq --json $(DEMO)/parity.json --force
 
 # tests/vllm and the GPTQ loader tests (interop) run against their own venvs (test-vllm, test-interop
 # below; CI runs both): under CI=true a missing client is a failure.

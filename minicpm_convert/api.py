@@ -294,11 +294,13 @@ def to_gguf(src: PathLike, out: PathLike, *, quant: str = "q4_K_M", arch: str | 
                       tensor_types={name: t.name for name, t in plan.items()}, files=list(target.files))
 
 
-def to_int4(src: PathLike, out: PathLike, *, format: str = "gptq", group_size: int = 128, sym: bool = True,
+def to_int4(src: PathLike, out: PathLike, *, format: str = "gptq", group_size: int = 128, sym: bool | None = None,
             search: bool = True, rescale: bool = True, calibration: PathLike | None = None, samples: int = 128,
             seq_len: int = 512, act_order: bool | None = None, force: bool = False, quiet: bool = True,
             notes: Notes = None) -> Int4Export:
-    """Write a 4-bit group-quantized Llama-format checkpoint folder (GPTQ v1 or compressed-tensors).
+    """Write a 4-bit group-quantized Llama-format checkpoint folder (GPTQ v1, compressed-tensors or
+    AutoAWQ GEMM). `sym`: None takes the format's default (symmetric for gptq and
+    compressed-tensors; asymmetric for awq, which has no symmetric layout).
 
     Data-free by default (column rescaling + scale search); `calibration`: a text whose first
     `samples` x `seq_len` tokens calibrate GPTQ (`act_order`: columns by decreasing activation
@@ -315,6 +317,13 @@ def to_int4(src: PathLike, out: PathLike, *, format: str = "gptq", group_size: i
         raise ConvertError(f"--format: unknown INT4 format {format!r} ({', '.join(FORMATS)})")
     if group_size not in GROUP_SIZES:
         raise ConvertError(f"--group-size: {group_size} is not one of {', '.join(map(str, GROUP_SIZES))}")
+    if sym is None:
+        sym = format != "awq"
+    elif sym and format == "awq":
+        raise ConvertError("--sym: the AWQ format is asymmetric only (AutoAWQ packs GEMM weights with a zero "
+                           "point; its zero_point=false variant loaders decode differently: vLLM assumes zero 8, "
+                           "gptqmodel reads the stored zeros); use --asym (the default for awq), or --format gptq "
+                           "or compressed-tensors for symmetric")
     if calibration is None and act_order:
         raise ConvertError("--act-order: needs --calibration (it orders columns by their activations)")
     act_order = calibration is not None and act_order is not False

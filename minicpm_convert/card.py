@@ -228,7 +228,7 @@ def int4_card(ckpt, source: str, repo_id: str | None, scheme, search: bool, repo
               notes: list[str], rescale: bool = True, calibration=None) -> Card:
     """The card of a to-int4 export (`calibration`: the GPTQ calibration it was made with, or None)."""
     name = repo_id or source
-    fmt = "GPTQ (v1)" if scheme.format == "gptq" else "compressed-tensors `pack-quantized`"
+    fmt = {"gptq": "GPTQ (v1)", "awq": "AutoAWQ GEMM (`awq`)"}.get(scheme.format, "compressed-tensors `pack-quantized`")
     flags = f"--format {scheme.format} --group-size {scheme.group_size} {'--sym' if scheme.sym else '--asym'}"
     flags += ("" if search else " --no-search") + ("" if rescale else " --no-rescale")
     if calibration is not None:
@@ -255,8 +255,9 @@ def int4_card(ckpt, source: str, repo_id: str | None, scheme, search: bool, repo
     quant = (f"{fmt}, 4 bits, group size {scheme.group_size}, {'symmetric' if scheme.sym else 'asymmetric'}, "
              f"{how}. Mean relative weight error ||W-Ŵ||/||W|| per layer type (`quantization_report.json` has "
              "every tensor's):\n\n" + "\n".join(rows))
-    needs = ("GPTQ: needs `optimum` and `gptqmodel`" if scheme.format == "gptq"
-             else "needs `compressed-tensors`")
+    needs = {"gptq": "GPTQ: needs `optimum` and `gptqmodel`",
+             "awq": "AWQ: needs `gptqmodel` (transformers 5 loads AWQ through it)"}.get(
+        scheme.format, "needs `compressed-tensors`")
     vllm = "" if scheme.sym or scheme.format != "gptq" else " (vLLM 0.32 refuses asymmetric GPTQ)"
     use = TRANSFORMERS_USE.format(where="path/to/this/folder", loads=needs, vllm=f".{vllm}")
     return Card(f"{name} (INT4, {scheme.format}, group {scheme.group_size})", summary, "transformers",

@@ -196,6 +196,7 @@ def to_gguf(
 class Int4Format(str, Enum):
     gptq = "gptq"
     compressed_tensors = "compressed-tensors"
+    awq = "awq"
 
 
 @app.command("to-int4")
@@ -204,9 +205,11 @@ def to_int4(
     src: str = typer.Argument(..., help=SRC_HELP),
     out: Path = typer.Argument(..., help="Output folder (LlamaForCausalLM with 4-bit Linear layers)."),
     fmt: Int4Format = typer.Option(Int4Format.gptq, "--format", help="gptq: GPTQ v1 (transformers+gptqmodel, vLLM, "
-                                   "SGLang); compressed-tensors: pack-quantized (transformers, vLLM)."),
+                                   "SGLang); compressed-tensors: pack-quantized (transformers, vLLM); awq: AutoAWQ "
+                                   "GEMM, asymmetric (transformers+gptqmodel, vLLM)."),
     group_size: int = typer.Option(128, "--group-size", help="Weights per scale along the input: 32, 64 or 128."),
-    sym: bool = typer.Option(True, "--sym/--asym", help="Symmetric (zero 8) or asymmetric (a zero per group)."),
+    sym: Optional[bool] = typer.Option(None, "--sym/--asym", help="Symmetric (zero 8) or asymmetric (a zero per "
+                                       "group). Default: --sym, but --asym for awq (asymmetric only)."),
     search: bool = typer.Option(True, "--search/--no-search", help="Search each group's scale (and zero) for the "
                                 "least weighted error; --no-search takes min/max scales (plain rounding without "
                                 "--calibration)."),

@@ -1,4 +1,5 @@
-"""An INT4 export folder (GPTQ v1 or compressed-tensors pack-quantized) as a `WeightSource`.
+"""An INT4 export folder (GPTQ v1, compressed-tensors pack-quantized or AutoAWQ GEMM) as a
+`WeightSource`.
 
 Packed projections are decoded to the float32 weights a loader computes (float16 scale times
 code minus zero); every other tensor is read as stored. Names and layout are Hugging Face's.
@@ -14,7 +15,7 @@ from .checkpoint import Checkpoint
 from ..errors import ConvertError
 from ..formats.hf.int4 import Int4Scheme, is_projection, packed_tensors, read_scheme
 from ..families import expected_shapes, family_of
-from ..quants import int4
+from ..quants import int4, int4_awq
 from ..spec import load_config
 
 FLOATS = (torch.float16, torch.bfloat16, torch.float32)
@@ -106,6 +107,8 @@ class Int4Source:
         try:
             if self.scheme.format == "gptq":
                 parts = int4.unpack_gptq(get("qweight"), get("qzeros"), get("scales"), get("g_idx"))
+            elif self.scheme.format == "awq":
+                parts = int4_awq.unpack_awq(get("qweight"), get("qzeros"), get("scales"))
             else:
                 zp = get("weight_zero_point") if not self.scheme.sym else None
                 parts = int4.unpack_compressed(get("weight_packed"), get("weight_scale"), get("weight_shape"), zp)

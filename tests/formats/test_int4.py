@@ -1,6 +1,7 @@
 """to-int4, proven by its clients: transformers loads the compressed-tensors export and matches
-our reference on the dequantized weights; the GPTQ files decode, with an unpacker written here
-from the published layout, to exactly the weights we quantized; verify passes both formats."""
+our reference on the dequantized weights; the GPTQ and AWQ files decode, with unpackers written
+here from the published layouts, to exactly the weights we quantized; transformers + gptqmodel
+load the GPTQ and AWQ exports (`interop`); verify passes every format."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from minicpm_convert.formats.hf import int4_rescale
 from minicpm_convert.formats.hf.int4 import is_projection
 from minicpm_convert.sources.int4 import Int4Source
 from minicpm_convert.families import expected_shapes
-from minicpm_convert.quants import int4
+from minicpm_convert.quants import int4, int4_awq
 from minicpm_convert.stream import llama_stream
 from minicpm_convert.verify import compare, prompt_tokens, verify
 from tests.conftest import run_cli
@@ -184,6 +185,114 @@ def test_transformers_loads_gptq_export(sym, int4_export, fixture_path):
     check_against_references(folder, fixture_path("tiny"), got, tol=2e-2)
 
 
+# -- (c') AWQ (AutoAWQ GEMM), decoded from the published layout, independently of our code ----------
+# AutoAWQ's WQLinear_GEMM.from_linear packs, for each word of 8 output columns, column
+# ORDER[i] of the 8 into bits 4i..4i+3 (awq/utils/packing_utils.py: AWQ_ORDER); qweight and
+# qzeros alike; zeros are stored as they are.
+ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
+
+
+def unpack_awq_gemm(qweight, qzeros, scales):
+    """AutoAWQ GEMM: qweight [in, out/8], qzeros [groups, out/8], scales [groups, out];
+    W[out, in] = scale * (q - zero), input row r in group r // (in / groups)."""
+    def columns(words):
+        words = words.numpy().view(np.uint32)
+        out = np.zeros((words.shape[0], words.shape[1] * 8), dtype=np.int64)
+        for i in range(8):
+            out[:, ORDER[i]::8] = (words >> np.uint32(4 * i)) & 0xF
+        return out
+    q, z = columns(qweight), columns(qzeros)
+    sc = scales.numpy().astype(np.float32)
+    gi = np.arange(q.shape[0]) // (q.shape[0] // sc.shape[0])
+    return torch.from_numpy((sc[gi, :] * (q - z[gi, :]).astype(np.float32)).T.copy())
+
+
+def test_awq_word_holds_columns_in_awq_order():
+    """Columns 0..7 of one input row with codes 0..7 land in the nibbles as 0,2,4,6,1,3,5,7."""
+    codes = torch.arange(8, dtype=torch.uint8).repeat(32, 1).T.contiguous()  # [out 8, in 32]: row o = o
+    packed = int4_awq.pack_awq(codes, torch.ones(8, 1), torch.full((8, 1), 3, dtype=torch.uint8), 32)
+    assert packed["qweight"].shape == (32, 1) and (packed["qweight"] == 0x75316420).all()
+    assert packed["qzeros"].tolist() == [[0x33333333]]  # zeros stored as they are (GPTQ v1 stores zero-1)
+    assert packed["scales"].dtype == torch.float16 and packed["scales"].shape == (1, 8)
+
+
+@pytest.mark.parametrize("out, inp, group_size", [(8, 32, 32), (24, 64, 32), (256, 384, 128), (40, 128, 64)])
+def test_awq_pack_unpack_round_trip(out, inp, group_size):
+    gen = torch.Generator().manual_seed(out * inp)
+    codes = torch.randint(0, 16, (out, inp), generator=gen, dtype=torch.uint8)
+    zeros = torch.randint(0, 16, (out, inp // group_size), generator=gen, dtype=torch.uint8)
+    scales = torch.rand(out, inp // group_size, generator=gen).half().float()
+    packed = int4_awq.pack_awq(codes, scales, zeros, group_size)
+    assert [(k, v.dtype, tuple(v.shape)) for k, v in packed.items()] == [
+        ("qweight", torch.int32, (inp, out // 8)), ("qzeros", torch.int32, (inp // group_size, out // 8)),
+        ("scales", torch.float16, (inp // group_size, out))]
+    back = int4_awq.unpack_awq(**packed)
+    assert torch.equal(back[0], codes) and torch.equal(back[1], scales) and torch.equal(back[2], zeros)
+    assert back[3] == group_size
+    assert torch.equal(unpack_awq_gemm(**packed), int4.dequantize(codes, scales, zeros, group_size))
+
+
+@pytest.mark.parametrize("group_size", [32, 128])
+@pytest.mark.parametrize("name", ["tiny", "gqa"])
+def test_awq_files_decode_to_exactly_the_quantized_weights(name, group_size, int4_export, fixture_path):
+    folder = int4_export(name, "awq", group_size, sym=False)
+    stored = Checkpoint(folder, validate=False)
+    source = Int4Source(folder)
+    assert source.kind == "int4-awq" and not source.scheme.sym
+    jobs = int4_rescale.apply(llama_stream(Checkpoint(fixture_path(name))), source.spec, source.rescaling)
+    for job in jobs:
+        prefix = job.name.removesuffix("weight")
+        if not is_projection(job.name):
+            assert torch.equal(stored.get(job.name), job.read_all().half()), job.name
+            continue
+        tensors = {k: stored.get(prefix + k) for k in ("qweight", "qzeros", "scales")}
+        assert not stored.has(prefix + "g_idx")
+        want = int4.dequantize(*int4.quantize_groups(job.read_all(), group_size, False, True), group_size)
+        assert torch.equal(unpack_awq_gemm(**tensors), want), job.name
+        assert torch.equal(source.dequantized(job.name), want), job.name
+
+
+def test_awq_config_is_autoawqs(int4_export):
+    """config.json's quantization_config is what AutoAWQ's AwqConfig.to_transformers_dict() writes
+    (with lm_head named in modules_to_not_convert, see formats/hf/int4.py), and transformers parses
+    it as AWQ GEMM; no quantize_config.json (AutoAWQ writes none)."""
+    folder = int4_export("tiny", "awq", 64, sym=False)
+    cfg = json.loads((folder / "config.json").read_text())
+    qc = cfg["quantization_config"]
+    assert qc == {"quant_method": "awq", "zero_point": True, "group_size": 64, "bits": 4, "version": "gemm",
+                  "modules_to_not_convert": ["lm_head"]}
+    assert list(qc) == ["quant_method", "zero_point", "group_size", "bits", "version", "modules_to_not_convert"]
+    assert not (folder / "quantize_config.json").exists()
+    from transformers import AwqConfig
+    parsed = AwqConfig.from_dict(qc)
+    assert (parsed.bits, parsed.group_size, parsed.zero_point, parsed.format) == (4, 64, True, "gemm")
+
+
+@pytest.mark.interop
+def test_transformers_loads_awq_export(int4_export, fixture_path):
+    """transformers 5 loads AWQ through gptqmodel: its own decoder (dequantize_gemm, in float16)
+    gives every layer as ours rounded to float16, and its CPU kernel (TorchAtenAwqLinear, which
+    computes in bfloat16 with bfloat16 scales) gives logits near our reference on the same weights."""
+    pytest.importorskip("gptqmodel")
+    from transformers import AutoModelForCausalLM
+
+    folder = int4_export("tiny", "awq", 128, sym=False)
+    source = Int4Source(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float16)
+    model.eval()
+    layers = dict(model.named_modules())
+    names = [n for n in expected_shapes(source.spec) if is_projection(n)]
+    for name in names:
+        module = layers[name.removesuffix(".weight")]
+        assert type(module).__name__.endswith("AwqLinear"), type(module)
+        theirs = module.awq_weight_dequantize(device="cpu", dtype=torch.float16)  # [in, out]
+        assert torch.equal(theirs.T, source.dequantized(name).half()), name
+    tokens = prompt_tokens(Checkpoint(fixture_path("tiny")), None, None)
+    with torch.no_grad():
+        got = model(torch.tensor([tokens])).logits[0].float()
+    check_against_references(folder, fixture_path("tiny"), got, tol=2e-2)
+
+
 # -- (d) the command line ------------------------------------------------------------------------
 @pytest.mark.parametrize("fmt", ["gptq", "compressed-tensors"])
 def test_to_int4_then_verify_passes(fmt, int4_export, fixture_path, tmp_path):
@@ -192,6 +301,20 @@ def test_to_int4_then_verify_passes(fmt, int4_export, fixture_path, tmp_path):
                                  tmp_path / f"{name}.json")
         assert code == 0, out + err
         assert json.loads((tmp_path / f"{name}.json").read_text())["exports"][0]["kind"] == f"int4-{fmt}"
+
+
+def test_awq_then_verify_passes_and_refuses_sym(int4_export, fixture_path, tmp_path):
+    for name in ("tiny", "untied"):
+        code, out, err = run_cli("verify", fixture_path(name), int4_export(name, "awq", 64, False), "--json",
+                                 tmp_path / f"{name}.json")
+        assert code == 0, out + err
+        assert json.loads((tmp_path / f"{name}.json").read_text())["exports"][0]["kind"] == "int4-awq"
+    code, _, err = run_cli("to-int4", fixture_path("tiny"), tmp_path / "awq", "--format", "awq", "-q")
+    assert code == 0, err  # asymmetric without --asym: the awq default
+    assert json.loads((tmp_path / "awq" / "quantization_report.json").read_text())["sym"] is False
+    code, _, err = run_cli("to-int4", fixture_path("tiny"), tmp_path / "sym", "--format", "awq", "--sym")
+    assert code == 2 and "--sym: the AWQ format is asymmetric only" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "sym").exists()
 
 
 def test_report_file_and_table(fixture_path, tmp_path):

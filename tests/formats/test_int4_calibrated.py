@@ -103,3 +103,16 @@ def test_missing_calibration_file(fixture_path, tmp_path):
     code, _, err = run_cli("to-int4", fixture_path("tiny"), tmp_path / "out", "--calibration", tmp_path / "nope.txt")
     assert code == 2 and "nope.txt" in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "out").exists()
+
+
+def test_awq_holds_the_same_gptq_codes_as_compressed_tensors(fixture_path, tmp_path):
+    """--calibration with --format awq: the GPTQ codes in AWQ's layout, weight for weight those of
+    the compressed-tensors export made by the same command (asymmetric both)."""
+    from minicpm_convert.formats.hf.int4 import is_projection
+    from minicpm_convert.sources.int4 import Int4Source
+
+    awq = Int4Source(calibrated(fixture_path, tmp_path / "awq", "--format", "awq"))
+    ct = Int4Source(calibrated(fixture_path, tmp_path / "ct", "--asym"))
+    assert awq.kind == "int4-awq" and not ct.scheme.sym
+    for name in (n for n in awq.names() if is_projection(n)):
+        assert torch.equal(awq.dequantized(name), ct.dequantized(name)), name

@@ -33,7 +33,7 @@ class Ctx:
 
     tmp: Path
     fixture: Callable[[str], Path]
-    good: Callable[[str], Path]  # "gguf" | "int4" | "llama": a valid export of tiny
+    good: Callable[[str], Path]  # "gguf" | "int4" | "awq" | "llama": a valid export of tiny
 
     def copy(self, name: str = "tiny") -> Path:
         dest = self.tmp / "src"
@@ -286,6 +286,33 @@ def _int4_no_scales(ctx: Ctx) -> Path:
     return out
 
 
+def awq_tensor(suffix: str, edit: Callable[[torch.Tensor], torch.Tensor]):
+    """A valid AWQ export of tiny with layer 0's q_proj tensor `suffix` replaced by edit(it)."""
+    def build(ctx: Ctx) -> Path:
+        from safetensors.torch import load_file, save_file
+        out = ctx.tmp / "awq"
+        shutil.copytree(ctx.good("awq"), out)
+        name = f"model.layers.0.self_attn.q_proj.{suffix}"
+        for shard in out.glob("model-*.safetensors"):
+            tensors = load_file(shard)
+            if name in tensors:
+                tensors[name] = edit(tensors[name]).contiguous()
+                save_file(tensors, shard, metadata={"format": "pt"})
+        return out
+    return build
+
+
+def awq_config(key: str, value):
+    def build(ctx: Ctx) -> Path:
+        out = ctx.tmp / "awq"
+        shutil.copytree(ctx.good("awq"), out)
+        config = json.loads((out / "config.json").read_text())
+        config["quantization_config"][key] = value
+        (out / "config.json").write_text(json.dumps(config))
+        return out
+    return build
+
+
 def _llama_nan(ctx: Ctx) -> Path:
     from safetensors.torch import load_file, save_file
     out = ctx.tmp / "llama"
@@ -388,5 +415,17 @@ CASES: list[Case] = [
     Case("gguf-zero-heads", gguf_field("minicpm.attention.head_count", 0), "must be positive",
          "minicpm.attention.head_count", commands=EXPORT_COMMANDS),
     Case("int4-missing-scales", _int4_no_scales, "missing tensor", ".scales", commands=("verify-export",)),
+    # AWQ (AutoAWQ GEMM): qweight is [in, out/8] (tiny: [256, 32]); GPTQ's [in/8, out] is refused
+    Case("awq-qweight-gptq-shape", awq_tensor("qweight", lambda t: t.reshape(32, 256)),
+         "has shape [32, 256], expected [256, 32]", "model.layers.0.self_attn.q_proj.qweight",
+         commands=EXPORT_COMMANDS),
+    Case("awq-qzeros-float", awq_tensor("qzeros", lambda t: t.float()), "is torch.float32, expected torch.int32",
+         "model.layers.0.self_attn.q_proj.qzeros", commands=EXPORT_COMMANDS),
+    Case("awq-scales-missing-group", awq_tensor("scales", lambda t: t[:1]), "has shape [1, 256], expected [2, 256]",
+         "model.layers.0.self_attn.q_proj.scales", commands=EXPORT_COMMANDS),
+    Case("awq-zero-point-false", awq_config("zero_point", False), "AWQ with zero_point=False", "config.json",
+         commands=EXPORT_COMMANDS),
+    Case("awq-version-gemv", awq_config("version", "gemv"), "AWQ version 'gemv'", "config.json",
+         commands=EXPORT_COMMANDS),
     Case("llama-export-nan", _llama_nan, "contains NaN", "model.norm.weight", commands=("verify-export",)),
 ]

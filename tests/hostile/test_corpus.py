@@ -32,6 +32,8 @@ def good_exports(tmp_path_factory, fixture_path):
                 path, args = root / "tiny.gguf", ["to-gguf", src, root / "tiny.gguf", "--quant", "q8_0", "-q"]
             elif kind == "int4":
                 path, args = root / "int4", ["to-int4", src, root / "int4", "--no-search", "-q"]
+            elif kind == "awq":
+                path, args = root / "awq", ["to-int4", src, root / "awq", "--format", "awq", "--no-search", "-q"]
             else:
                 path, args = root / "llama", ["to-llama", src, root / "llama", "-q"]
             code, out, err = run_cli(*args)

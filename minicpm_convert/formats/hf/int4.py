@@ -1,12 +1,15 @@
 """What an INT4 export holds on disk: the tensors of each quantized Linear and the config keys.
 
 Shared by the writer (`int4_writer.py`) and the reader (`sources/int4.py`) so the two cannot
-disagree. Two formats (facts §7):
+disagree. Three formats (facts §7):
 - `gptq`: GPTQ v1 as GPTQModel/AutoGPTQ write it, read by transformers (+optimum +gptqmodel),
   vLLM and SGLang. Per layer P: P.qweight, P.qzeros, P.scales, P.g_idx.
 - `compressed-tensors`: `pack-quantized` as llm-compressor writes it, read by transformers (with
   only the compressed-tensors package) and vLLM. Per layer P: P.weight_packed, P.weight_scale,
   P.weight_shape and, asymmetric only, P.weight_zero_point.
+- `awq`: AutoAWQ's GEMM layout (`quants/int4_awq.py`), read by transformers (+gptqmodel) and
+  vLLM. Per layer P: P.qweight [in, out/8], P.qzeros [in/g, out/8], P.scales [in/g, out]. It
+  always stores a zero point (AutoAWQ cannot pack GEMM without one), so it is asymmetric.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from ... import __version__
 from ...errors import ConvertError
 from ...names import PROJECTIONS
 
-FORMATS = ("gptq", "compressed-tensors")
+FORMATS = ("gptq", "compressed-tensors", "awq")
 GROUP_SIZES = (32, 64, 128)
 PACK = 8  # 4-bit codes per int32
 
@@ -32,7 +35,7 @@ class Int4Scheme:
 
     @property
     def kind(self) -> str:
-        """The verify kind: int4-gptq or int4-compressed-tensors."""
+        """The verify kind: int4-gptq, int4-compressed-tensors or int4-awq."""
         return f"int4-{self.format}"
 
 
@@ -54,6 +57,10 @@ def packed_tensors(scheme: Int4Scheme, out: int, inp: int) -> list[tuple[str, to
                 ("qzeros", torch.int32, (groups, out // PACK)),
                 ("scales", torch.float16, (groups, out)),
                 ("g_idx", torch.int32, (inp,))]
+    if scheme.format == "awq":
+        return [("qweight", torch.int32, (inp, out // PACK)),
+                ("qzeros", torch.int32, (groups, out // PACK)),
+                ("scales", torch.float16, (groups, out))]
     tensors = [("weight_packed", torch.int32, (out, inp // PACK)),
                ("weight_scale", torch.float16, (out, groups)),
                ("weight_shape", torch.int64, (2,))]
@@ -95,6 +102,20 @@ def quantization_config(scheme: Int4Scheme, method: str) -> dict:
             "checkpoint_format": "gptq",
             "pack_dtype": "int32",
             "meta": {"quantizer": [f"minicpm-convert:{__version__}"], "method": method},
+        }
+    if scheme.format == "awq":
+        # AutoAWQ's AwqConfig.to_transformers_dict() (keys in its order); the method is in
+        # quantization_report.json and the card. modules_to_not_convert names lm_head (AutoAWQ's
+        # quantize(modules_to_not_convert=...) writes a list the same way): left null, vLLM guesses
+        # the unquantized modules from every *.safetensors file in the folder, and the names in
+        # rescaling.safetensors ('model.layers.0.mlp.down_proj') make it skip every projection.
+        return {
+            "quant_method": "awq",
+            "zero_point": True,
+            "group_size": scheme.group_size,
+            "bits": 4,
+            "version": "gemm",
+            "modules_to_not_convert": ["lm_head"],
         }
     weights = {"num_bits": 4, "type": "int", "symmetric": scheme.sym, "strategy": "group",
                "group_size": scheme.group_size, "dynamic": False, "actorder": None, "observer": "minmax"}
@@ -139,6 +160,17 @@ def read_scheme(qc, where: str) -> Int4Scheme:
             raise ConvertError(f"{where}: compressed-tensors weights {weights!r} are not 4-bit int groups")
         return Int4Scheme("compressed-tensors", _group_size(weights.get("group_size"), where),
                           bool(weights.get("symmetric", True)))
+    if method == "awq":
+        bits = qc.get("bits", qc.get("w_bit"))
+        if bits != 4:
+            raise ConvertError(f"{where}: AWQ with bits={bits!r} (only 4-bit is supported)")
+        version = qc.get("version", qc.get("format", "gemm"))
+        if not isinstance(version, str) or version.lower() != "gemm":
+            raise ConvertError(f"{where}: AWQ version {version!r} (only 'gemm' is supported)")
+        if qc.get("zero_point", True) is not True:
+            raise ConvertError(f"{where}: AWQ with zero_point={qc.get('zero_point')!r} (only zero_point true, "
+                               "the GEMM layout AutoAWQ packs, is supported)")
+        return Int4Scheme("awq", _group_size(qc.get("group_size", qc.get("q_group_size")), where), False)
     raise ConvertError(f"{where}: quant_method {method!r} is not an INT4 format this tool reads "
                        f"({', '.join(FORMATS)})")
 

@@ -1,5 +1,5 @@
 """INT4 checkpoint: the Llama-format stream with the seven projections of every block 4-bit
-group-quantized (GPTQ or compressed-tensors packing), everything else float16.
+group-quantized (GPTQ, compressed-tensors or AWQ packing), everything else float16.
 
 Streaming: each shard's header is known in advance (packed shapes follow from the weight shapes),
 then tensors are produced one at a time; a projection is read in row chunks (groups run along
@@ -21,7 +21,7 @@ from ...sources.checkpoint import Checkpoint
 from ...errors import ConvertError
 from .int4 import Int4Scheme, check_shapes, is_projection, layer_type, packed_tensors, quantization_config
 from ...progress import progress_bar
-from ...quants import int4
+from ...quants import int4, int4_awq
 from ...sources.safetensors_file import safetensors_header, write_tensor
 from ...stream import PARALLEL_CHUNK_VALUES, TensorJob, ordered_map, worker_threads
 from ...families import family_of
@@ -110,6 +110,8 @@ def _quantize(job: TensorJob, scheme: Int4Scheme, search: bool, report: ErrorRep
         report.search[job.name] = sq["found"] ** 0.5 / norm
     if scheme.format == "gptq":
         packed = int4.pack_gptq(codes, scales, zeros, g)
+    elif scheme.format == "awq":
+        packed = int4_awq.pack_awq(codes, scales, zeros, g)
     else:
         packed = int4.pack_compressed(codes, scales, zeros, g, scheme.sym)
     prefix = job.name.removesuffix("weight")
