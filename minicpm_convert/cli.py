@@ -217,9 +217,9 @@ def to_int4(
                                  "against v_proj/up_proj rows before quantizing (function unchanged; scales saved "
                                  "as rescaling.safetensors for verify)."),
     calibration: Optional[Path] = typer.Option(None, "--calibration", help="A text (UTF-8) to calibrate GPTQ on: "
-                                               "Hessians of each layer's inputs from our forward pass, layer by layer. "
-                                               "Caveat: on real models verify's INT4 weight bound can fail "
-                                               "such an export (GPTQ moves weights by design; see README)."),
+                                               "Hessians of each layer's inputs from our forward pass, layer by layer "
+                                               "(verify holds such an export to the error-compensated INT4 bound, "
+                                               "int4-g*/gptq: GPTQ moves weights by design; see README)."),
     samples: int = typer.Option(128, "--samples", help="With --calibration: sequences taken from the text."),
     seq_len: int = typer.Option(512, "--seq-len", help="With --calibration: tokens per sequence (BOS first)."),
     act_order: Optional[bool] = typer.Option(None, "--act-order/--no-act-order", help="With --calibration: GPTQ "

@@ -22,7 +22,8 @@ HASH_FILE = ROOT / "tests" / "data" / "export_sha256.json"
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_K_M", "q5_K_M", "q6_K")
 INT4 = {"gptq": ["--format", "gptq"], "gptq-asym-g64": ["--format", "gptq", "--asym", "--group-size", "64"],
         "ct": ["--format", "compressed-tensors"],
-        "ct-asym-g32": ["--format", "compressed-tensors", "--asym", "--group-size", "32"]}
+        "ct-asym-g32": ["--format", "compressed-tensors", "--asym", "--group-size", "32"],
+        "awq": ["--format", "awq"]}
 # Which commands each fixture supports (moe has no INT4 layout).
 FIXTURE_COMMANDS = {"tiny": ("llama", "gguf", "int4"), "gqa": ("llama", "gguf", "int4"),
                     "untied": ("llama", "gguf", "int4"), "odd": ("llama", "gguf"),

@@ -7,6 +7,7 @@ code minus zero); every other tensor is read as stored. Names and layout are Hug
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -41,6 +42,7 @@ class Int4Source:
         self._shapes = expected_shapes(self.spec)
         self._check_tensors()
         self.rescaling = self._rescaling()
+        self.compensated = self._compensated()
         self._cache: tuple[str, torch.Tensor] | None = None  # the last decoded projection
 
     def _check_tensors(self) -> None:
@@ -64,18 +66,36 @@ class Int4Source:
         """The column scales the export was rescaled by (int4_rescale.py), checked; {} if none."""
         from ..formats.hf import int4_rescale
         path = self.folder / int4_rescale.FILE
+        self.rescaling_method = None
         if not path.is_file():
             return {}
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
+        from safetensors import SafetensorError, safe_open
         try:
-            scales = {k: v.to(torch.float32) for k, v in load_file(str(path)).items()}
+            with safe_open(str(path), framework="pt") as f:
+                self.rescaling_method = (f.metadata() or {}).get("method")
+                scales = {k: f.get_tensor(k).to(torch.float32) for k in f.keys()}
         except (SafetensorError, OSError, ValueError) as exc:
             raise ConvertError(f"{path}: cannot read ({exc})") from None
         problems = int4_rescale.check(scales, self.spec, self._shapes, str(path))
         if problems:
             raise ConvertError(problems[0])
         return scales
+
+    def _compensated(self) -> bool:
+        """Whether the codes may come from an error-compensating encoder (GPTQ with calibration
+        data), which verify holds to a looser bound (fidelity.py): our exports say how they were
+        made (quantization_report.json, and GPTQ's quantization_config meta); one that does not
+        say is taken as compensated, as GPTQ is what makes most INT4 checkpoints."""
+        from ..formats.hf.int4_writer import REPORT_FILE
+        method = (self.ckpt.config.get("quantization_config") or {}).get("meta", {}) or {}
+        method = method.get("method") if isinstance(method, dict) else None
+        report = self.folder / REPORT_FILE
+        if method is None and report.is_file():
+            try:
+                method = json.loads(report.read_text()).get("method")
+            except (OSError, ValueError, AttributeError):
+                method = None
+        return not isinstance(method, str) or method.startswith("gptq")
 
     # -- WeightSource ----------------------------------------------------------------------------
     def has(self, name: str) -> bool:
@@ -87,7 +107,7 @@ class Int4Source:
     def storage_type(self, name: str) -> str:
         from ..fidelity import int4_storage
         if is_projection(name):
-            return int4_storage(self.scheme.group_size, self.scheme.sym)
+            return int4_storage(self.scheme.group_size, self.scheme.sym, self.compensated)
         return self.ckpt.storage_type(name)
 
     def shape(self, name: str) -> tuple[int, ...]:

@@ -116,3 +116,39 @@ def test_awq_holds_the_same_gptq_codes_as_compressed_tensors(fixture_path, tmp_p
     assert awq.kind == "int4-awq" and not ct.scheme.sym
     for name in (n for n in awq.names() if is_projection(n)):
         assert torch.equal(awq.dequantized(name), ct.dequantized(name)), name
+
+
+def test_verify_passes_the_gptq_export_on_the_compensated_bound(gptq_export, fixture_path):
+    """GPTQ moves groups by steps to cancel output error: verify holds its projections to the
+    error-compensated INT4 bound (`/gptq`, fidelity.py) and passes it; a data-free export keeps
+    the per-group bound."""
+    import json
+    from minicpm_convert.sources.int4 import Int4Source
+
+    assert Int4Source(gptq_export).storage_type("model.layers.0.mlp.down_proj.weight") == "int4-g64-sym/gptq"
+    code, out, err = run_cli("verify", fixture_path("gqa"), gptq_export, "--json", gptq_export.parent / "v.json")
+    assert code == 0, out + err
+    tensors = json.loads((gptq_export.parent / "v.json").read_text())["exports"][0]["tensors"]
+    assert {t["storage"] for t in tensors if "down_proj" in t["name"]} == {"int4-g64-sym/gptq"}
+
+
+def test_tampered_rescaling_of_a_gptq_export_fails_verify(gptq_export, fixture_path, tmp_path):
+    """One entry of the rescaling file times 3: the looser bound of a GPTQ export could let that
+    row through, so verify computes the rescaling again from the source and names the entry."""
+    import shutil
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    from minicpm_convert.formats.hf import int4_rescale
+
+    bad = tmp_path / "bad"
+    shutil.copytree(gptq_export, bad)
+    with safe_open(str(bad / int4_rescale.FILE), framework="pt") as f:
+        metadata, scales = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    assert metadata == {"method": int4_rescale.METHOD}
+    key = "model.layers.1.mlp.down_proj"
+    scales[key] = scales[key].clone()
+    scales[key][7] *= 3
+    save_file(scales, str(bad / int4_rescale.FILE), metadata=metadata)
+    code, out, err = run_cli("verify", fixture_path("gqa"), bad)
+    assert code == 1, out + err
+    assert f"rescaling '{key}' entry 7" in out

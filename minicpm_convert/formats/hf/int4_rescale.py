@@ -14,8 +14,10 @@ Knopp on the spread of values), its column part kept. Measured on a trained 135M
 made it worse, so they are not applied).
 
 The scales are written beside the export (`rescaling.safetensors`, one vector per pair, named
-by the pair's key) so `verify` holds the export to the rescaled source: both tensors of a pair
-follow from one vector, so a wrong or tampered vector cannot pass as function-preserving.
+by the pair's key, the method in its metadata) so `verify` holds the export to the rescaled
+source: both tensors of a pair follow from one vector, so a wrong or tampered vector cannot pass
+as function-preserving. And since the vector is a function of the source, verify computes it
+again (`check_against`): a GPTQ export's looser weight bound could let one tampered entry through.
 """
 
 from __future__ import annotations
@@ -29,6 +31,11 @@ from ...spec import ModelSpec
 
 FILE = "rescaling.safetensors"
 SINKHORN_ITERS = 10
+# The file's metadata names how the vectors were computed; verify recomputes the ones it knows
+# (a file without metadata predates it and was made by this method).
+METHOD = f"sinkhorn-std-{SINKHORN_ITERS}"
+# balance() is deterministic, but another build (or a float32 kernel) may differ in the last bits.
+RECOMPUTE_RTOL = 1e-4
 
 
 @dataclass(frozen=True)
@@ -105,6 +112,29 @@ def check(scales: dict[str, torch.Tensor], spec: ModelSpec, shapes: dict, where:
         elif not (torch.isfinite(c).all() and (c > 0).all()):
             problems.append(f"{where}: rescaling '{key}' holds a value that is not a positive number")
     return problems
+
+
+def check_against(scales: dict[str, torch.Tensor], method: str | None, jobs: dict, spec: ModelSpec,
+                  where: str) -> list[str]:
+    """Problems of a rescaling file against the source it was computed from (`jobs`: the
+    source's Llama-format jobs): every pair's vector as `compute` gives it. [] for a method this
+    version does not know (a later one's: it cannot be recomputed here)."""
+    if (method or METHOD) != METHOD:
+        return []
+    problems = []
+    expected = compute(jobs, spec)
+    for key in expected.keys() - scales.keys():
+        problems.append(f"{where}: rescaling '{key}' is missing (the export was rescaled: every pair is)")
+    for key, c in scales.items():
+        want = expected.get(key)
+        if want is None:
+            continue  # an unknown key is check()'s to report
+        off = ((c - want).abs() > RECOMPUTE_RTOL * want.abs()).nonzero()
+        if len(off):
+            i = int(off[0])
+            problems.append(f"{where}: rescaling '{key}' entry {i} is {float(c[i]):.6g}, the source gives "
+                            f"{float(want[i]):.6g} ({len(off)} entries differ)")
+    return sorted(problems)
 
 
 def apply(jobs: list, spec: ModelSpec, scales: dict[str, torch.Tensor]) -> list:

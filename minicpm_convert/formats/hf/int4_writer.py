@@ -180,7 +180,8 @@ def write_int4(ckpt: Checkpoint, jobs: list[TensorJob], out: Path, scheme: Int4S
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     if scales:
-        save_file({k: v.contiguous() for k, v in scales.items()}, str(out / int4_rescale.FILE))
+        save_file({k: v.contiguous() for k, v in scales.items()}, str(out / int4_rescale.FILE),
+                  metadata={"method": int4_rescale.METHOD})
     method = method_name(search, rescale, calibration)
     qc = quantization_config(scheme, method)
     cfg = family_of(ckpt.spec).llama_config(ckpt.spec, FLOAT_DTYPE) | {"quantization_config": qc}
