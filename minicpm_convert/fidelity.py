@@ -230,4 +230,3 @@ def _int4_groups(check: TensorCheck, x: torch.Tensor, e: torch.Tensor, group: in
     i = int(torch.argmax(row_mean))
     if float(row_mean[i]) > check.worst:
         check.worst, check.where = float(row_mean[i]), f"row {row0 + i} (RMS of its groups' mean errors, in steps)"
-

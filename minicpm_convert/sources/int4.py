@@ -41,7 +41,7 @@ class Int4Source:
         self.kind = self.scheme.kind
         self._shapes = expected_shapes(self.spec)
         self._check_tensors()
-        self.rescaling = self._rescaling()
+        self.rescaling, self.rescaling_method = self._rescaling()
         self.compensated = self._compensated()
         self._cache: tuple[str, torch.Tensor] | None = None  # the last decoded projection
 
@@ -62,24 +62,24 @@ class Int4Source:
                 if dtype is not None and actual != dtype and not (dtype in FLOATS and actual in FLOATS):
                     raise ConvertError(f"{self.folder}: tensor '{tensor}' is {actual}, expected {dtype}")
 
-    def _rescaling(self) -> dict[str, torch.Tensor]:
-        """The column scales the export was rescaled by (int4_rescale.py), checked; {} if none."""
+    def _rescaling(self) -> tuple[dict[str, torch.Tensor], str | None]:
+        """The column scales the export was rescaled by (int4_rescale.py), checked, and the method
+        its metadata names; ({}, None) if none."""
         from ..formats.hf import int4_rescale
         path = self.folder / int4_rescale.FILE
-        self.rescaling_method = None
         if not path.is_file():
-            return {}
+            return {}, None
         from safetensors import SafetensorError, safe_open
         try:
             with safe_open(str(path), framework="pt") as f:
-                self.rescaling_method = (f.metadata() or {}).get("method")
+                method = (f.metadata() or {}).get("method")
                 scales = {k: f.get_tensor(k).to(torch.float32) for k in f.keys()}
         except (SafetensorError, OSError, ValueError) as exc:
             raise ConvertError(f"{path}: cannot read ({exc})") from None
         problems = int4_rescale.check(scales, self.spec, self._shapes, str(path))
         if problems:
             raise ConvertError(problems[0])
-        return scales
+        return scales, method
 
     def _compensated(self) -> bool:
         """Whether the codes may come from an error-compensating encoder (GPTQ with calibration
@@ -87,8 +87,8 @@ class Int4Source:
         made (quantization_report.json, and GPTQ's quantization_config meta); one that does not
         say is taken as compensated, as GPTQ is what makes most INT4 checkpoints."""
         from ..formats.hf.int4_writer import REPORT_FILE
-        method = (self.ckpt.config.get("quantization_config") or {}).get("meta", {}) or {}
-        method = method.get("method") if isinstance(method, dict) else None
+        meta = self.ckpt.config["quantization_config"].get("meta")  # a dict: read_scheme checked
+        method = meta.get("method") if isinstance(meta, dict) else None
         report = self.folder / REPORT_FILE
         if method is None and report.is_file():
             try:

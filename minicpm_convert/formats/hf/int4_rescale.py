@@ -17,7 +17,8 @@ The scales are written beside the export (`rescaling.safetensors`, one vector pe
 by the pair's key, the method in its metadata) so `verify` holds the export to the rescaled
 source: both tensors of a pair follow from one vector, so a wrong or tampered vector cannot pass
 as function-preserving. And since the vector is a function of the source, verify computes it
-again (`check_against`): a GPTQ export's looser weight bound could let one tampered entry through.
+again for a GPTQ export (`check_against`), whose looser weight bound could let one tampered entry
+through (a data-free export's per-group bound fails it).
 """
 
 from __future__ import annotations
