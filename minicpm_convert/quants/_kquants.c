@@ -209,6 +209,45 @@ static PyObject *py_convert(PyObject *self, PyObject *args) {
     return PyLong_FromLongLong(bad);
 }
 
+/* int4_search(x_f32 [G*n], n, cw_f32_or_None [n], sym, search, codes_u8 [G*n], scales_f32 [G],
+ * zeros_u8 [G], errors_f32 [G*3]) -> 1 if a plain scale overflows float16, else 0 (GIL released) */
+static PyObject *py_int4_search(PyObject *self, PyObject *args) {
+    PyObject *x_obj, *cw_obj, *codes_obj, *scales_obj, *zeros_obj, *errors_obj;
+    int n, sym, search;
+    if (!PyArg_ParseTuple(args, "OiOiiOOOO", &x_obj, &n, &cw_obj, &sym, &search, &codes_obj, &scales_obj,
+                          &zeros_obj, &errors_obj))
+        return NULL;
+    if (n <= 0 || n > MC_INT4_MAX_GROUP) return PyErr_Format(PyExc_ValueError, "int4_search: group size %d", n);
+    PyObject *objs[6] = {x_obj, cw_obj, codes_obj, scales_obj, zeros_obj, errors_obj};
+    Py_buffer b[6];
+    int got = 0;
+    for (; got < 6; ++got) {
+        if (got == 1 && cw_obj == Py_None) {
+            b[1].buf = NULL, b[1].len = 0, b[1].obj = NULL;
+            continue;
+        }
+        if (PyObject_GetBuffer(objs[got], &b[got], PyBUF_C_CONTIGUOUS | (got >= 2 ? PyBUF_WRITABLE : 0)) < 0) break;
+    }
+    int result = -1;
+    if (got == 6) {
+        const Py_ssize_t groups = b[0].len / (4 * (Py_ssize_t)n);
+        const int ok = b[0].len == groups * n * 4 && (cw_obj == Py_None || b[1].len == 4 * (Py_ssize_t)n) &&
+                       b[2].len == groups * n && b[3].len == groups * 4 && b[4].len == groups &&
+                       b[5].len == groups * 12;
+        if (ok) {
+            Py_BEGIN_ALLOW_THREADS
+            result = mc_int4((const float *)b[0].buf, (const float *)b[1].buf, groups, n, sym, search,
+                             (uint8_t *)b[2].buf, (float *)b[3].buf, (uint8_t *)b[4].buf, (float *)b[5].buf);
+            Py_END_ALLOW_THREADS
+        }
+    }
+    for (int i = 0; i < got; ++i)
+        if (i != 1 || cw_obj != Py_None) PyBuffer_Release(&b[i]);
+    if (got < 6) return NULL;
+    if (result < 0) return PyErr_Format(PyExc_ValueError, "int4_search: buffer sizes do not match %d-value groups", n);
+    return PyLong_FromLong(result);
+}
+
 static PyObject *py_simd(PyObject *self, PyObject *args) {
     int level = -1;
     if (!PyArg_ParseTuple(args, "|i", &level)) return NULL;
@@ -226,6 +265,9 @@ static PyMethodDef methods[] = {
     {"convert", py_convert, METH_VARARGS,
      "convert(src, src_kind, dst, dst_kind, cols, factor, divisor, half_head): rows cast (folded, permuted) "
      "in one pass; returns the number of rows holding NaN/Inf (GIL released)."},
+    {"int4_search", py_int4_search, METH_VARARGS,
+     "int4_search(x, n, cw, sym, search, codes, scales, zeros, errors): the INT4 group search of "
+     "int4_search.py (GIL released); 1 if a scale overflows float16."},
     {"simd", py_simd, METH_VARARGS, "simd(level=None): the instruction set in use; another level (at most the CPU's) may be set."},
     {NULL, NULL, 0, NULL},
 };

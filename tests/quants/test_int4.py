@@ -11,7 +11,7 @@ import torch
 
 from minicpm_convert.sources.checkpoint import Checkpoint
 from minicpm_convert.formats.hf.int4 import is_projection, layer_type
-from minicpm_convert.quants import int4
+from minicpm_convert.quants import int4, int4_search
 from minicpm_convert.stream import llama_stream
 
 GROUPS = [32, 64, 128]
@@ -209,7 +209,7 @@ def test_search_never_worse_per_group_in_its_own_measure():
     """Plain rounding is one of the candidates, so the weighted error can only go down, group by group."""
     w = random_weight(32, 512, seed=3)
     x = w.reshape(-1, 32)
-    weights = int4._importance(x)
+    weights = torch.from_numpy(int4_search.importance(x.numpy().T.copy()).T.copy())
     for sym in (True, False):
         errs = []
         for search in (False, True):

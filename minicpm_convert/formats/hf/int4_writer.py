@@ -71,14 +71,13 @@ def _nbytes(entries) -> int:
 
 
 def _quantize_rows(w: torch.Tensor, scheme: Int4Scheme, search: bool):
-    """(codes, scales, zeros) of rows of a projection, the data-free way, and plain rounding's
-    (for the report); rows quantize independently, so chunks can run on any thread."""
-    g = scheme.group_size
-    codes, scales, zeros = int4.quantize_groups(w, g, scheme.sym, search)
-    rtn = int4.quantize_groups(w, g, scheme.sym, False) if search else (codes, scales, zeros)
-    sq = {"w": _sum_sq(w), "found": _sum_sq(w - int4.dequantize(codes, scales, zeros, g)),
-          "rtn": _sum_sq(w - int4.dequantize(*rtn, g))}
-    return (codes, scales, zeros), sq
+    """(codes, scales, zeros) of rows of a projection, the data-free way, and the squared errors
+    of those codes and of plain rounding with the sum of squares (for the report); rows quantize
+    independently, so chunks can run on any thread."""
+    codes, scales, zeros, errors = int4.quantize_groups_with_errors(w, scheme.group_size, scheme.sym, search)
+    # per-group float32 sums, added in float64 in a fixed order: the report is the same on any machine
+    found, rtn, total = errors.reshape(-1, 3).double().numpy().sum(0).tolist()
+    return (codes, scales, zeros), {"w": total, "found": found, "rtn": rtn}
 
 
 def _quantize(job: TensorJob, scheme: Int4Scheme, search: bool, report: ErrorReport,

@@ -160,6 +160,17 @@ int64_t mc_count_nonfinite(const float *x, int64_t n);
 int64_t mc_convert(const void *x, int sk, void *y, int dk, int64_t rows, int64_t cols, const float *factor,
                    const float *divisor, int64_t half_head);
 
+/* ---- int4.c: the INT4 group search (quants/int4_search.py is its oracle) ---- */
+#define MC_INT4_MAX_GROUP 256
+#define MC_FP16_TINY 5.9604644775390625e-08f /* 2^-24: the smallest positive float16 */
+
+/* `ngroups` groups of n (<= MC_INT4_MAX_GROUP) values at x + n*g, column weights cw (n) or NULL
+ * (|x| + rms): codes (n per group), float16-valued scales, zeros, and errors (3 per group: the
+ * squared error of the codes, of plain rounding, the sum of squares). Returns 1 if a plain scale
+ * overflows float16 (the outputs are then unspecified), else 0. */
+int mc_int4(const float *x, const float *cw, int64_t ngroups, int n, int sym, int search, uint8_t *codes,
+            float *scale, uint8_t *zero, float *errors);
+
 /* The instruction set the kernels use: 0 portable C, 1 AVX2 + F16C (the float casts), 2 also
  * AVX-512F (16-lane searches); the best this CPU supports (mc_simd_supported), unless tests set
  * mc_simd_level lower to run the other code. (The lane searches' AVX2 / SSE2 choice below 2 is
