@@ -2,15 +2,16 @@
 group-quantized (GPTQ, compressed-tensors or AWQ packing), everything else float16.
 
 Streaming: each shard's header is known in advance (packed shapes follow from the weight shapes),
-then tensors are produced one at a time; a projection is read in row chunks (groups run along
-the input dimension, so any split of output rows quantizes the same) and only its 4-bit codes
-are held whole while it is packed.
+then tensors are produced in order; a projection is read in row chunks (groups run along the
+input dimension, so any split of output rows quantizes the same), each chunk quantized and packed
+on the thread pool, and only the packed tensors of one projection are held whole while they are
+written.
 """
 
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
+from contextlib import closing, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -80,41 +81,76 @@ def _quantize_rows(w: torch.Tensor, scheme: Int4Scheme, search: bool):
     return (codes, scales, zeros), {"w": total, "found": found, "rtn": rtn}
 
 
-def _quantize(job: TensorJob, scheme: Int4Scheme, search: bool, report: ErrorReport,
-              calibrated=None) -> dict[str, torch.Tensor]:
-    """Quantize one projection (data-free chunk by chunk on the thread pool, or by GPTQ with the
-    calibration pass); pack it; record its error (and plain rounding's)."""
+def _pack(scheme: Int4Scheme, codes, scales, zeros) -> dict[str, torch.Tensor]:
+    """suffix -> packed tensor of (rows of) one projection, in the export's layout."""
     g = scheme.group_size
+    if scheme.format == "gptq":
+        return int4.pack_gptq(codes, scales, zeros, g)
+    if scheme.format == "awq":
+        return int4_awq.pack_awq(codes, scales, zeros, g)
+    return int4.pack_compressed(codes, scales, zeros, g, scheme.sym)
+
+
+def _row_dims(scheme: Int4Scheme, inp: int) -> dict[str, int | None]:
+    """Per packed tensor, the dimension along the output rows (0, or 1 in GPTQ's and AWQ's
+    transposed layouts), None for one that does not grow with them (g_idx, weight_shape)."""
+    one, two = packed_tensors(scheme, int4.PACK, inp), packed_tensors(scheme, 2 * int4.PACK, inp)
+    return {name: next((d for d, (a, b) in enumerate(zip(s1, s2)) if a != b), None)
+            for (name, _, s1), (_, _, s2) in zip(one, two)}
+
+
+def _join(parts: list[dict[str, torch.Tensor]], scheme: Int4Scheme, out: int, inp: int) -> dict[str, torch.Tensor]:
+    """A projection's packed tensors from those of its row chunks (in row order)."""
+    joined = {}
+    for name, dim in _row_dims(scheme, inp).items():
+        pieces = [p[name] for p in parts]
+        joined[name] = pieces[0] if dim is None or len(pieces) == 1 else torch.cat(pieces, dim)
+    if "weight_shape" in joined:  # each chunk's names its own rows
+        joined["weight_shape"] = torch.tensor([out, inp], dtype=torch.int64)
+    return joined
+
+
+def _quantize_chunk(job: TensorJob, span: tuple[int, int], scheme: Int4Scheme, search: bool):
+    """One row chunk, on a worker thread: a projection's rows quantized and packed (with their
+    error sums), any other tensor's cast to float16."""
+    rows = job.read(*span)
+    if not is_projection(job.name):
+        return rows.to(FLOAT_DTYPE), None
     try:
-        if calibrated is None:
-            def rows(span):
-                return _quantize_rows(job.read(*span), scheme, search)
-            parts, sq = [], {"w": 0.0, "found": 0.0, "rtn": 0.0}
-            for found, chunk_sq in ordered_map(rows, job.chunks(PARALLEL_CHUNK_VALUES)):
-                parts.append(found)
-                for k in sq:
-                    sq[k] += chunk_sq[k]
-            codes, scales, zeros = (torch.cat(p) for p in zip(*parts))
-        else:
-            codes, scales, zeros = calibrated.quantize(job.name)
-            w = job.read_all()
-            rtn = int4.quantize_groups(w, g, scheme.sym, False)
-            sq = {"w": _sum_sq(w), "found": _sum_sq(w - int4.dequantize(codes, scales, zeros, g)),
-                  "rtn": _sum_sq(w - int4.dequantize(*rtn, g))}
+        (codes, scales, zeros), sq = _quantize_rows(rows, scheme, search)
     except ValueError as exc:
         raise ConvertError(f"tensor '{job.name}': cannot quantize ({exc})") from None
+    return _pack(scheme, codes, scales, zeros), sq
+
+
+def _chunks(job: TensorJob) -> list[tuple[int, int]]:
+    # whole zero-point words: 8 output rows per chunk at least (the last may be shorter only at the end)
+    return list(job.chunks(PARALLEL_CHUNK_VALUES, int4.PACK))
+
+
+def _record(report: ErrorReport, name: str, sq: dict, searched: bool) -> None:
     norm = sq["w"] ** 0.5 or 1.0
-    report.rtn[job.name] = sq["rtn"] ** 0.5 / norm
-    if search or calibrated is not None:
-        report.search[job.name] = sq["found"] ** 0.5 / norm
-    if scheme.format == "gptq":
-        packed = int4.pack_gptq(codes, scales, zeros, g)
-    elif scheme.format == "awq":
-        packed = int4_awq.pack_awq(codes, scales, zeros, g)
-    else:
-        packed = int4.pack_compressed(codes, scales, zeros, g, scheme.sym)
+    report.rtn[name] = sq["rtn"] ** 0.5 / norm
+    if searched:
+        report.search[name] = sq["found"] ** 0.5 / norm
+
+
+def _quantize_calibrated(job: TensorJob, scheme: Int4Scheme, search: bool, report: ErrorReport,
+                         calibrated) -> dict[str, torch.Tensor]:
+    """Quantize one projection by GPTQ with the calibration pass; pack it; record its error (and
+    plain rounding's)."""
+    g = scheme.group_size
+    try:
+        codes, scales, zeros = calibrated.quantize(job.name)
+        w = job.read_all()
+        rtn = int4.quantize_groups(w, g, scheme.sym, False)
+    except ValueError as exc:
+        raise ConvertError(f"tensor '{job.name}': cannot quantize ({exc})") from None
+    sq = {"w": _sum_sq(w), "found": _sum_sq(w - int4.dequantize(codes, scales, zeros, g)),
+          "rtn": _sum_sq(w - int4.dequantize(*rtn, g))}
+    _record(report, job.name, sq, True)
     prefix = job.name.removesuffix("weight")
-    return {prefix + k: v for k, v in packed.items()}
+    return {prefix + k: v for k, v in _pack(scheme, codes, scales, zeros).items()}
 
 
 @contextmanager
@@ -160,19 +196,37 @@ def write_int4(ckpt: Checkpoint, jobs: list[TensorJob], out: Path, scheme: Int4S
         for i, shard in enumerate(shards, 1):
             fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
             entries = [e for job in shard for e in _entries(job, scheme)]
-            with open(out / fname, "wb") as f:
+            # Data-free, every row chunk of the shard (projections and float tensors alike) is one
+            # stream on the thread pool, so it never drains at a tensor's end; this thread writes.
+            stream = None
+            if calibrated is None:
+                items = [(job, span) for job in shard for span in _chunks(job)]
+                stream = ordered_map(lambda item: _quantize_chunk(*item, scheme, search), items)
+            with open(out / fname, "wb") as f, (closing(stream) if stream is not None else nullcontext()):
                 f.write(safetensors_header(entries))
                 for job in shard:
                     if is_projection(job.name):
-                        packed = _quantize(job, scheme, search, report, calibrated)
+                        if calibrated is None:
+                            parts, sq = [], {"w": 0.0, "found": 0.0, "rtn": 0.0}
+                            for _ in _chunks(job):
+                                packed_rows, chunk_sq = next(stream)
+                                parts.append(packed_rows)
+                                for k in sq:
+                                    sq[k] += chunk_sq[k]
+                            _record(report, job.name, sq, search)
+                            prefix = job.name.removesuffix("weight")
+                            packed = {prefix + k: v for k, v in _join(parts, scheme, *job.shape).items()}
+                        else:
+                            packed = _quantize_calibrated(job, scheme, search, report, calibrated)
                         # The header was written from packed_tensors(): the data must match it.
                         assert [(n, t.dtype, tuple(t.shape)) for n, t in packed.items()] == _entries(job, scheme)
                         for name, tensor in packed.items():
                             write_tensor(f, tensor)
                             weight_map[name] = fname
                     else:
-                        for start, stop in job.chunks():
-                            write_tensor(f, job.read(start, stop).to(FLOAT_DTYPE))
+                        for span in _chunks(job):
+                            write_tensor(f, next(stream)[0] if stream is not None
+                                         else job.read(*span).to(FLOAT_DTYPE))
                         weight_map[job.name] = fname
                     advance(job.rows * job.row_values * 4, job.name)
             total += _nbytes(entries)
