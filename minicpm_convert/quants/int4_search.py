@@ -8,7 +8,7 @@ or the caller's per-column weights), the candidates are:
   or round(-min/s0) clamped to 1..15 (GPTQ v1 cannot store zero 0: a group without negative values
   maps [0, max] onto codes 1..15 instead);
 - scales range/t over a grid of divisors t, coarse to fine: the coarse grid, then the best t so
-  far +-0.25 and +-0.125 (asym: +-0.5, +-0.25); each with the least-squares refit of its scale
+  far +-0.25 and +-0.125; each with the least-squares refit of its scale
   (asym: scale and zero) for the codes it gives.
 Each candidate is scored by its weighted squared error, expanded in the group's sums so that a
 candidate and its refit cost one rounding pass; plain rounding is scored on its own codes, so the
@@ -32,8 +32,8 @@ MAX_GROUP = 256  # the kernel's per-group buffers
 SYM_COARSE = (5.5, 6.0, 6.5, 7.0, 7.5, 8.0, 8.5)
 SYM_FINE = (0.25, 0.125)
 SYM_PLAIN = 7.5  # s0 = absmax / 7.5: the best divisor before any other is tried
-ASYM_COARSE = (12.0, 13.0, 14.0, 15.0, 16.0, 17.0)
-ASYM_FINE = (0.5, 0.25)
+ASYM_COARSE = (12.0, 12.5, 13.0, 13.5, 14.0, 14.5, 15.0, 15.5, 16.0, 16.5, 17.0)
+ASYM_FINE = (0.25, 0.125)
 ASYM_PLAIN = 15.0
 
 F32 = np.float32

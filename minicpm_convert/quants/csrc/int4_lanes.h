@@ -125,8 +125,8 @@ I4 void I4_FN(try_asym)(I4_FN(group) *g, vf xmin, vf xmax, vf t) {
 
 static const float I4_FN(sym_coarse)[] = {5.5f, 6.0f, 6.5f, 7.0f, 7.5f, 8.0f, 8.5f};
 static const float I4_FN(sym_fine)[] = {0.25f, 0.125f};
-static const float I4_FN(asym_coarse)[] = {12.0f, 13.0f, 14.0f, 15.0f, 16.0f, 17.0f};
-static const float I4_FN(asym_fine)[] = {0.5f, 0.25f};
+static const float I4_FN(asym_coarse)[] = {12.0f, 12.5f, 13.0f, 13.5f, 14.0f, 14.5f, 15.0f, 15.5f, 16.0f, 16.5f, 17.0f};
+static const float I4_FN(asym_fine)[] = {0.25f, 0.125f};
 
 /* NL groups of n values at x + n*k; cw: n column weights or NULL. Returns 1 if a lane's plain
  * scale overflows float16 (nothing is then meaningful), else 0. */
@@ -178,13 +178,13 @@ static int I4_FN(int4_lanes)(const float *x, const float *cw, int n, int sym, in
         I4_FN(offer)(&g, I4_FN(pass)(&g, s0, z0), s0, z0, I4_FN(vfill)(sym ? 7.5f : 15.0f));
         const float *coarse = sym ? I4_FN(sym_coarse) : I4_FN(asym_coarse);
         const float *fine = sym ? I4_FN(sym_fine) : I4_FN(asym_fine);
-        const int ncoarse = sym ? 7 : 6;
+        const int ncoarse = sym ? 7 : 11, nfine = 2;
         for (int c = 0; c < ncoarse; ++c) {
             const vf t = I4_FN(vfill)(coarse[c]);
             if (sym) I4_FN(try_sym)(&g, absmax, t);
             else I4_FN(try_asym)(&g, xmin, xmax, t);
         }
-        for (int f = 0; f < 2; ++f) { /* both steps of a level go around the best t before them */
+        for (int f = 0; f < nfine; ++f) { /* both steps of a level go around the best t before them */
             const vf centre = g.t;
             for (int side = -1; side <= 1; side += 2) {
                 const vf t = centre + I4_FN(vfill)(side * fine[f]);
