@@ -102,8 +102,14 @@ def _balance_numpy(w: np.ndarray, iters: int = SINKHORN_ITERS) -> np.ndarray:
 
     Each row scale r_i is std_j(W_ij / c_j) and each column scale c_j is std_i(W_ij / r_i) (the
     old r_i * std_j(W_ij / (r_i c_j)) without the factors that cancel). std is the unbiased one
-    from the sums of x and x^2, every sum sequential in index order (explicit loops, not
-    np.sum's pairwise order), x being W times a reciprocal (1/c_j, 1/r_i)."""
+    from the sums of d and d^2, d = x - x_0 (shifted by the line's first value, the sums do not
+    cancel when a line's mean is far from zero), every sum sequential in index order (explicit
+    loops, not np.sum's pairwise order), x being W times a reciprocal (1/c_j, 1/r_i).
+
+    A column whose mean is many times its spread (10 in a test) makes the iteration collapse:
+    its c_j falls tenfold per iteration and every other c with it, rounding decides the values,
+    and here they reach the 1e-30 clamp, so the matrix comes out unscaled (the torch formula,
+    whose clamp bounded the ratio of two iterations, gave a vanishing c_j instead)."""
     rows, cols = w.shape
     with np.errstate(all="ignore"):  # as C: a degenerate matrix gives NaN/inf, made dead below
         w64 = w.astype(np.float64)
@@ -114,14 +120,18 @@ def _balance_numpy(w: np.ndarray, iters: int = SINKHORN_ITERS) -> np.ndarray:
         y = np.empty(cols)
         for _ in range(iters):
             s1, s2 = np.zeros(rows), np.zeros(rows)
+            k = wt[0] * ic[0]  # each row's first value, its shift
             for j in range(cols):  # the row sums, over j in order
                 np.multiply(wt[j], ic[j], out=x)
+                x -= k
                 s1 += x
                 s2 += np.multiply(x, x, out=x)
             ir = 1.0 / _spread(s1, s2, cols)
             s1, s2 = np.zeros(cols), np.zeros(cols)
+            k = w64[0] * ir[0]  # each column's first value, its shift
             for i in range(rows):  # the column sums, over i in order
                 np.multiply(w64[i], ir[i], out=y)
+                y -= k
                 s1 += y
                 s2 += np.multiply(y, y, out=y)
             c = _spread(s1, s2, rows)
@@ -135,7 +145,7 @@ def _balance_numpy(w: np.ndarray, iters: int = SINKHORN_ITERS) -> np.ndarray:
 
 
 def _spread(s1: np.ndarray, s2: np.ndarray, n: int) -> np.ndarray:
-    """The unbiased standard deviation from the sums of n values and of their squares, clamped
+    """The unbiased standard deviation from the sums of n (shifted) values and of their squares, clamped
     below at 1e-30 as the torch code was (a NaN, as for n = 1, stays a NaN: the column is dead)."""
     v = (s2 - s1 * s1 / n) / (n - 1.0)
     v = np.where(v < 0, 0.0, v)  # rounding below zero (a constant line): std 0

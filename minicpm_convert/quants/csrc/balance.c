@@ -5,7 +5,9 @@
  * is r_i <- std_j(W_ij / c_j), and the column update c_j <- std_i(W_ij / r_i) (r the new rows):
  * so an iteration is one pass over W, row by row. A row's sums over j give r_i; while the row
  * is in cache, W_ij / r_i is added to every column's sums, whose standard deviations are the new
- * c. The standard deviation is the unbiased one from the sums of x and x^2,
+ * c. The standard deviation is the unbiased one from the sums of d and d^2, d = x - x_0 (the
+ * line's first value: shifted, the sums do not cancel when a line's mean is far from zero, as
+ * in a column whose spread collapses),
  *     sqrt(max(0, (S2 - S1*S1/n) / (n - 1))), clamped below at 1e-30 (NaN, as for n = 1, stays),
  * and x is W_ij times a reciprocal computed once (1/c_j, 1/r_i).
  *
@@ -37,11 +39,13 @@ static void row_scales(const float *w, int64_t cols, int n, const double *ic, do
     double s1[BR] = {0}, s2[BR] = {0};
     if (n == BR) {
         const float *w0 = w, *w1 = w + cols, *w2 = w + 2 * cols, *w3 = w + 3 * cols;
+        const double k0 = (double)w0[0] * ic[0], k1 = (double)w1[0] * ic[0], k2 = (double)w2[0] * ic[0],
+                     k3 = (double)w3[0] * ic[0];
         double a0 = 0, a1 = 0, a2 = 0, a3 = 0, b0 = 0, b1 = 0, b2 = 0, b3 = 0;
         for (int64_t j = 0; j < cols; ++j) {
             const double m = ic[j];
-            const double x0 = (double)w0[j] * m, x1 = (double)w1[j] * m, x2 = (double)w2[j] * m,
-                         x3 = (double)w3[j] * m;
+            const double x0 = (double)w0[j] * m - k0, x1 = (double)w1[j] * m - k1, x2 = (double)w2[j] * m - k2,
+                         x3 = (double)w3[j] * m - k3;
             a0 += x0, a1 += x1, a2 += x2, a3 += x3;
             b0 += x0 * x0, b1 += x1 * x1, b2 += x2 * x2, b3 += x3 * x3;
         }
@@ -50,8 +54,9 @@ static void row_scales(const float *w, int64_t cols, int n, const double *ic, do
     } else {
         for (int k = 0; k < n; ++k) {
             const float *wk = w + k * cols;
+            const double k0 = (double)wk[0] * ic[0];
             for (int64_t j = 0; j < cols; ++j) {
-                const double x = (double)wk[j] * ic[j];
+                const double x = (double)wk[j] * ic[j] - k0;
                 s1[k] += x;
                 s2[k] += x * x;
             }
@@ -60,17 +65,18 @@ static void row_scales(const float *w, int64_t cols, int n, const double *ic, do
     for (int k = 0; k < n; ++k) ir[k] = 1.0 / spread(s1[k], s2[k], (double)cols);
 }
 
-/* The n (<= BR) rows at w, times ir[k], added to the column sums in row order (lanes: columns). */
+/* The n (<= BR) rows at w, times ir[k], less the columns' first values sh, added to the column
+ * sums in row order (lanes: columns). */
 LANES_ATTR
-static void add_columns(const float *restrict w, int64_t cols, int n, const double *ir, double *restrict s1,
-                        double *restrict s2) {
+static void add_columns(const float *restrict w, int64_t cols, int n, const double *ir, const double *restrict sh,
+                        double *restrict s1, double *restrict s2) {
     if (n == BR) {
         const float *restrict w0 = w, *restrict w1 = w + cols, *restrict w2 = w + 2 * cols,
                     *restrict w3 = w + 3 * cols;
         const double m0 = ir[0], m1 = ir[1], m2 = ir[2], m3 = ir[3];
         for (int64_t j = 0; j < cols; ++j) {
-            const double y0 = (double)w0[j] * m0, y1 = (double)w1[j] * m1, y2 = (double)w2[j] * m2,
-                         y3 = (double)w3[j] * m3;
+            const double y0 = (double)w0[j] * m0 - sh[j], y1 = (double)w1[j] * m1 - sh[j],
+                         y2 = (double)w2[j] * m2 - sh[j], y3 = (double)w3[j] * m3 - sh[j];
             s1[j] = s1[j] + y0 + y1 + y2 + y3;
             s2[j] = s2[j] + y0 * y0 + y1 * y1 + y2 * y2 + y3 * y3;
         }
@@ -80,7 +86,7 @@ static void add_columns(const float *restrict w, int64_t cols, int n, const doub
         const float *restrict wk = w + k * cols;
         const double m = ir[k];
         for (int64_t j = 0; j < cols; ++j) {
-            const double y = (double)wk[j] * m;
+            const double y = (double)wk[j] * m - sh[j];
             s1[j] = s1[j] + y;
             s2[j] = s2[j] + y * y;
         }
@@ -89,10 +95,10 @@ static void add_columns(const float *restrict w, int64_t cols, int n, const doub
 
 int mc_balance(const float *w, int64_t rows, int64_t cols, int iters, double *c) {
     double *ic = malloc((size_t)cols * sizeof *ic), *s1 = malloc((size_t)cols * sizeof *s1),
-           *s2 = malloc((size_t)cols * sizeof *s2);
+           *s2 = malloc((size_t)cols * sizeof *s2), *sh = malloc((size_t)cols * sizeof *sh);
     unsigned char *live = calloc((size_t)cols, 1);
-    if (!ic || !s1 || !s2 || !live) {
-        free(ic), free(s1), free(s2), free(live);
+    if (!ic || !s1 || !s2 || !sh || !live) {
+        free(ic), free(s1), free(s2), free(sh), free(live);
         return -2;
     }
     for (int64_t j = 0; j < cols; ++j) c[j] = ic[j] = 1.0;
@@ -103,7 +109,9 @@ int mc_balance(const float *w, int64_t rows, int64_t cols, int iters, double *c)
         for (int64_t i = 0; i < rows; i += BR) {
             const int n = rows - i < BR ? (int)(rows - i) : BR;
             row_scales(w + i * cols, cols, n, ic, ir);
-            add_columns(w + i * cols, cols, n, ir, s1, s2);
+            if (i == 0)
+                for (int64_t j = 0; j < cols; ++j) sh[j] = (double)w[j] * ir[0]; /* the columns' shifts */
+            add_columns(w + i * cols, cols, n, ir, sh, s1, s2);
         }
         for (int64_t j = 0; j < cols; ++j) {
             c[j] = spread(s1[j], s2[j], (double)rows);
@@ -120,6 +128,6 @@ int mc_balance(const float *w, int64_t rows, int64_t cols, int iters, double *c)
     }
     const double rms = sqrt(sq / (double)cols);
     for (int64_t j = 0; j < cols; ++j) c[j] = c[j] / rms;
-    free(ic), free(s1), free(s2), free(live);
+    free(ic), free(s1), free(s2), free(sh), free(live);
     return 0;
 }
