@@ -7,6 +7,8 @@
  *   set_tables(type, grid, index, start, count, flat)               (IQ codebooks, once)
  *   f16(src_f32, dst_f16)                                            (GGML_FP32_TO_FP16)
  *   convert(src, src_kind, dst, dst_kind, cols, factor, divisor, half_head) -> rows with NaN/Inf
+ *   balance(src_f32, rows, cols, iters, out_f64)                    (int4_rescale's column scales;
+ *                                                                  GIL released)
  *   simd(level=None) -> the instruction set in use (0 portable C, 1 AVX2 + F16C, 2 also
  *                       AVX-512F); another level (at most the CPU's) may be set, for tests
  *   TYPES: the ggml type numbers implemented
@@ -248,6 +250,37 @@ static PyObject *py_int4_search(PyObject *self, PyObject *args) {
     return PyLong_FromLong(result);
 }
 
+/* balance(src_f32, rows, cols, iters, out_f64): int4_rescale's column scales (csrc/balance.c). */
+#include "csrc/balance.h"
+
+static PyObject *py_balance(PyObject *self, PyObject *args) {
+    PyObject *src_obj, *dst_obj;
+    Py_ssize_t rows, cols;
+    int iters;
+    if (!PyArg_ParseTuple(args, "OnniO", &src_obj, &rows, &cols, &iters, &dst_obj)) return NULL;
+    if (rows <= 0 || cols <= 0 || iters < 0) return PyErr_Format(PyExc_ValueError, "balance: bad shape or iterations");
+    Py_buffer src, dst;
+    if (PyObject_GetBuffer(src_obj, &src, PyBUF_C_CONTIGUOUS) < 0) return NULL;
+    if (PyObject_GetBuffer(dst_obj, &dst, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE) < 0) {
+        PyBuffer_Release(&src);
+        return NULL;
+    }
+    const Py_ssize_t n = src.len / (Py_ssize_t)sizeof(float);
+    const int ok = n / rows == cols && n % rows == 0 && src.len % sizeof(float) == 0 &&
+                   dst.len == cols * (Py_ssize_t)sizeof(double);
+    int rc = 0;
+    if (ok) {
+        Py_BEGIN_ALLOW_THREADS
+        rc = mc_balance((const float *)src.buf, (int64_t)rows, (int64_t)cols, iters, (double *)dst.buf);
+        Py_END_ALLOW_THREADS
+    }
+    PyBuffer_Release(&src);
+    PyBuffer_Release(&dst);
+    if (!ok) return PyErr_Format(PyExc_ValueError, "balance: the source must be rows x cols float32, the out cols float64");
+    if (rc) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
 static PyObject *py_simd(PyObject *self, PyObject *args) {
     int level = -1;
     if (!PyArg_ParseTuple(args, "|i", &level)) return NULL;
@@ -269,6 +302,9 @@ static PyMethodDef methods[] = {
      "int4_search(x, n, cw, sym, search, codes, scales, zeros, errors): the INT4 group search of "
      "int4_search.py (GIL released); 1 if a scale overflows float16."},
     {"simd", py_simd, METH_VARARGS, "simd(level=None): the instruction set in use; another level (at most the CPU's) may be set."},
+    /* int4_rescale.balance (csrc/balance.c) */
+    {"balance", py_balance, METH_VARARGS,
+     "balance(src_f32, rows, cols, iters, out_f64): Sinkhorn column scales of int4_rescale, RMS 1 (GIL released)."},
     {NULL, NULL, 0, NULL},
 };
 
