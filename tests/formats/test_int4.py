@@ -351,3 +351,23 @@ def test_refuses_existing_output_without_force(fixture_path, tmp_path):
     assert run_cli("to-int4", fixture_path("tiny"), tmp_path / "out", "-q")[0] == 0
     code, _, err = run_cli("to-int4", fixture_path("tiny"), tmp_path / "out")
     assert code == 2 and "already exists" in err and "--force" in err
+
+
+@pytest.mark.parametrize("fmt, sym", [("gptq", "--sym"), ("compressed-tensors", "--asym"), ("awq", "--asym")])
+def test_row_chunks_join_to_the_same_bytes(fmt, sym, fixture_path, tmp_path, monkeypatch):
+    """The writer quantizes and packs a projection chunk by chunk of output rows on the thread pool,
+    then joins the packed pieces (along dim 1 in GPTQ's and AWQ's transposed layouts): chunks of a
+    few rows must give the bytes of one chunk per tensor (the fixtures' tensors fit in one)."""
+    from minicpm_convert.formats.hf import int4_writer
+
+    whole = tmp_path / "whole"
+    code, _, err = run_cli("to-int4", fixture_path("gqa"), whole, "--format", fmt, sym, "--group-size", 32, "-q")
+    assert code == 0, err
+    monkeypatch.setattr(int4_writer, "PARALLEL_CHUNK_VALUES", 8 * 64)  # 8 rows of a 64-input projection
+    chunked = tmp_path / "chunked"
+    code, _, err = run_cli("to-int4", fixture_path("gqa"), chunked, "--format", fmt, sym, "--group-size", 32, "-q")
+    assert code == 0, err
+    shapes = {j.name: j.shape for j in llama_stream(Checkpoint(fixture_path("gqa"))) if is_projection(j.name)}
+    assert max(out for out, _ in shapes.values()) > 16, "the fixture must have projections of several chunks"
+    for f in sorted(p.name for p in whole.iterdir()):
+        assert (whole / f).read_bytes() == (chunked / f).read_bytes(), f
