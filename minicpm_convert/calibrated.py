@@ -12,13 +12,16 @@ rescaling included) one block at a time, as GPTQModel and llm-compressor's seque
 3. block i runs again with the dequantized weights: its output is the next block's input.
 
 Memory: the hidden states of all samples (samples x seq_len x hidden float32), one block's
-weights and its four Hessians. The writer asks for projections in file order; a block is
+weights (each projection's original dropped once its dequantized value replaces it), its
+Hessians (each freed after its last projection) and GPTQ's inverse-Hessian factor of one
+projection (float64, two [in, in] matrices at its peak). The writer asks for projections in file order; a block is
 processed the first time one of its projections is asked for, its codes kept until written.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -95,6 +98,11 @@ class _Weights:
             self._cache[name] = self.jobs[name].read_all()
         return self._cache[name][start:stop]
 
+    def replace(self, name: str, value: torch.Tensor) -> None:
+        """From now on `name` reads as `value`; its original is dropped (one copy of a block in memory)."""
+        self.replaced[name] = value
+        self._cache.pop(name, None)
+
 
 class _Hessians:
     """The capture hook: sum of x^T x per distinct projection input of one block."""
@@ -121,11 +129,13 @@ class _Hessians:
 class GptqQuantizer:
     """Codes of every projection by GPTQ on the calibration samples (see the module docstring)."""
 
-    def __init__(self, jobs: list, spec, calibration: Calibration, group_size: int, sym: bool, search: bool):
+    def __init__(self, jobs: list, spec, calibration: Calibration, group_size: int, sym: bool, search: bool,
+                 on_progress: Callable[[str], None] = lambda what: None):
         from .families import family_of
         self.llama_spec = family_of(spec).export_spec(spec, "llama")
         self.weights = _Weights({j.name: j for j in jobs}, self.llama_spec)
         self.calibration, self.group_size, self.sym, self.search = calibration, group_size, sym, search
+        self.on_progress = on_progress  # called with "GPTQ block i/n: <stage> k/m" as the work goes
         self.done: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self.next_layer = 0
         self.hidden: list[torch.Tensor] | None = None
@@ -141,25 +151,32 @@ class GptqQuantizer:
         return self.done.pop(name)
 
     def _layer(self, i: int) -> None:
-        w = self.weights
+        w, samples = self.weights, self.calibration.samples
+        layers = self.llama_spec.num_hidden_layers
+        step = lambda what, k, n: self.on_progress(f"GPTQ block {i + 1}/{layers}: {what} {k}/{n}")
         with torch.no_grad():
             if self.hidden is None:
-                self.hidden = [reference.embed(w, s) for s in self.calibration.samples]
+                self.hidden = [reference.embed(w, s) for s in samples]
             hessians = _Hessians(i)
-            for h in self.hidden:
+            for k, h in enumerate(self.hidden):
                 reference.decoder_layer(w, i, h, self.rope, hessians)
+                step("Hessians", k + 1, len(samples))
             prefix = f"model.layers.{i}."
             names = [n for n in w.jobs if n.startswith(prefix) and _kind(n) in _INPUT_OF and n.endswith(".weight")]
-            for name in names:
+            last_user = {_INPUT_OF[_kind(n)]: n for n in names}
+            for k, name in enumerate(names):
                 try:
                     parts = gptq.gptq(w.read(name), hessians.of(name), self.group_size, self.sym, self.search,
                                       act_order=self.calibration.act_order)
                 except ValueError as exc:
                     raise ConvertError(f"tensor '{name}': cannot quantize ({exc})") from None
                 self.done[name] = parts
-                w.replaced[name] = int4.dequantize(*parts, self.group_size)
-            del hessians
+                w.replace(name, int4.dequantize(*parts, self.group_size))
+                if last_user[_INPUT_OF[_kind(name)]] == name:  # memory: down's Hessian alone is in^2 floats
+                    del hessians.sums[_INPUT_OF[_kind(name)]]
+                step("GPTQ", k + 1, len(names))
             for k, h in enumerate(self.hidden):  # in place: one set of hidden states in memory
                 self.hidden[k] = reference.decoder_layer(w, i, h, self.rope)
+                step("forward", k + 1, len(samples))
             for name in names:  # the next block reads its own weights; these are no longer needed
                 del w.replaced[name]

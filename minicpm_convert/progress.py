@@ -13,11 +13,21 @@ from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn,
 Advance = Callable[[int, str], None]  # (bytes done, tensor name)
 
 
+class _Silent:
+    def __call__(self, nbytes: int, name: str) -> None:
+        pass
+
+    def status(self, text: str) -> None:
+        pass
+
+
 @contextmanager
 def progress_bar(description: str, total_bytes: int, total_tensors: int, *, quiet: bool = False) -> Iterator[Advance]:
+    """Yields advance(nbytes, tensor name); advance.status(text) shows what a long step is doing
+    (GPTQ's block and stage), in the bar's last column until the next tensor."""
     console = Console(file=sys.stderr)
     if quiet or not console.is_terminal:
-        yield lambda nbytes, name: None
+        yield _Silent()
         return
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(),
                TextColumn("{task.fields[tensors]}"), TimeRemainingColumn(), TextColumn("{task.fields[name]}"))
@@ -25,9 +35,13 @@ def progress_bar(description: str, total_bytes: int, total_tensors: int, *, quie
         task = bar.add_task(description, total=total_bytes, tensors=f"0/{total_tensors}", name="")
         done = [0]
 
-        def advance(nbytes: int, name: str) -> None:
-            if name:
-                done[0] += 1
-            bar.update(task, advance=nbytes, name=name, tensors=f"{done[0]}/{total_tensors} tensors")
+        class _Bar:
+            def __call__(self, nbytes: int, name: str) -> None:
+                if name:
+                    done[0] += 1
+                bar.update(task, advance=nbytes, name=name, tensors=f"{done[0]}/{total_tensors} tensors")
 
-        yield advance
+            def status(self, text: str) -> None:
+                bar.update(task, name=text)
+
+        yield _Bar()

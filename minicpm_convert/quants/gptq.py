@@ -34,20 +34,31 @@ DAMP = 0.01
 BLOCK = 128
 
 
-def inverse_hessian_factor(h: torch.Tensor, damp: float = DAMP) -> torch.Tensor:
-    """Upper Cholesky factor of (H + damp*mean(diag H)*I)^-1, float32 (GPTQ's Hinv)."""
-    h = h.to(torch.float64).clone()
-    n = h.shape[0]
+def inverse_hessian_factor(h: torch.Tensor, damp: float = DAMP, *, overwrite: bool = False) -> torch.Tensor:
+    """Upper Cholesky factor of (H + damp*mean(diag H)*I)^-1, float32 (GPTQ's Hinv).
+
+    Computed in float64 with at most two [in, in] float64 matrices alive besides `h` (the down
+    projection's Hessian of a 2B model is 5760^2: 265 MB each); `overwrite=True` lets it damp a
+    float64 `h` in place (its contents are then undefined), so the caller's copy is the first."""
+    h = h.to(torch.float64) if overwrite else h.to(torch.float64, copy=True)
     mean = h.diagonal().mean().item()
     extra = damp * (mean if mean > 0 else 1.0)
+    diag = h.diagonal().clone()
     for attempt in range(6):  # more damping until the factorisation succeeds (rank-deficient H)
-        try:
-            l = torch.linalg.cholesky(h + extra * torch.eye(n, dtype=h.dtype))
-            inv = torch.cholesky_inverse(l)
-            return torch.linalg.cholesky(inv, upper=True).to(torch.float32)
-        except RuntimeError:  # torch.linalg.LinAlgError subclasses RuntimeError
-            extra *= 10
-    raise ValueError("the Hessian is not positive definite even with strong damping")
+        h.diagonal().copy_(diag + extra)  # H + extra*I without an identity matrix
+        l, info = torch.linalg.cholesky_ex(h)
+        if info.item() == 0 and torch.isfinite(l.diagonal()).all():
+            break
+        del l
+        extra *= 10
+    else:
+        raise ValueError("the Hessian is not positive definite even with strong damping")
+    del h  # the caller's reference (if any) stays; with overwrite it is garbage from here on
+    inv = torch.cholesky_inverse(l)
+    del l
+    upper = torch.linalg.cholesky(inv, upper=True)
+    del inv
+    return upper.to(torch.float32)
 
 
 def gptq(w: torch.Tensor, h: torch.Tensor, group_size: int, sym: bool = True, search: bool = True,
@@ -63,7 +74,7 @@ def gptq(w: torch.Tensor, h: torch.Tensor, group_size: int, sym: bool = True, se
     w = w.detach().to(torch.float32).clone()
     if not torch.isfinite(w).all():
         raise ValueError("weight contains NaN or Inf")
-    h = h.to(torch.float64).clone()
+    h = h.to(torch.float64, copy=True)
     dead = h.diagonal() == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
@@ -85,8 +96,11 @@ def gptq(w: torch.Tensor, h: torch.Tensor, group_size: int, sym: bool = True, se
             energy = energy / energy.mean().clamp_min(1e-30) + 1e-6
             fix_group(k, w[:, k * group_size:(k + 1) * group_size], energy)
         perm = torch.argsort(h.diagonal(), descending=True, stable=True)
-        w, h = w[:, perm], h[perm][:, perm]
-    hinv = inverse_hessian_factor(h, damp)
+        w = w[:, perm]
+        h = h.index_select(0, perm)
+        h = h.index_select(1, perm)
+    hinv = inverse_hessian_factor(h, damp, overwrite=True)
+    del h
     group_of = (perm if perm is not None else torch.arange(inp)) // group_size
     codes = torch.empty(out, inp, dtype=torch.uint8)
     for b0 in range(0, inp, block):

@@ -97,3 +97,23 @@ def test_rejects_bad_input():
         gptq.gptq(w, torch.eye(10), 64)
     with pytest.raises(ValueError, match="multiple of group size"):
         gptq.gptq(w[:, :100], torch.eye(100), 64)
+
+
+def test_inverse_factor_matches_the_textbook_formula_and_damps_a_singular_hessian():
+    # The in-place, identity-free factor must give the bits of (H + d*I)^-1's upper Cholesky
+    # factor as written in the paper; a rank-deficient H gets more damping rather than failing.
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(300, 96, generator=g, dtype=torch.float64)
+    h = x.T @ x
+    extra = gptq.DAMP * h.diagonal().mean().item()
+    want = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h + extra * torch.eye(96,
+                                 dtype=torch.float64))), upper=True).to(torch.float32)
+    kept = h.clone()
+    assert torch.equal(gptq.inverse_hessian_factor(h), want)
+    assert torch.equal(h, kept)  # without overwrite the caller's Hessian is untouched
+    low = x[:, :10].T @ x[:, :10]
+    singular = torch.zeros(96, 96, dtype=torch.float64)
+    singular[:10, :10] = low  # 86 zero rows and columns: mean-diagonal damping alone keeps it definite
+    singular[50, 50] = -1.0   # not even positive semi-definite: needs stronger damping
+    u = gptq.inverse_hessian_factor(singular)
+    assert torch.isfinite(u).all() and (u.diagonal() > 0).all()

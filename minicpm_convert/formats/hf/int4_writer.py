@@ -193,6 +193,8 @@ def write_int4(ckpt: Checkpoint, jobs: list[TensorJob], out: Path, scheme: Int4S
     intra = torch.get_num_threads() if calibrated is not None or worker_threads() == 1 else 1
     with progress_bar(f"to-int4 {scheme.format}", total_in, len(jobs), quiet=quiet) as advance, \
             torch_threads(intra):
+        if calibrated is not None:
+            calibrated.on_progress = advance.status
         for i, shard in enumerate(shards, 1):
             fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
             entries = [e for job in shard for e in _entries(job, scheme)]
