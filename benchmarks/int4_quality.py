@@ -12,6 +12,8 @@ the logits of held-out text; the table gives the KL divergence from the source's
   ours --no-rescale               the per-group scale search alone (the old default)
   ours (default)                  column rescaling + scale search, no data
   ours --calibration              GPTQ on `samples` x `seq_len` tokens
+  ours --method awq               AWQ's activation-aware scales, then rounding (the same tokens)
+  ours --method awq-gptq          AWQ's scales, then GPTQ (the same tokens)
   llm-compressor W4A16 RTN        QuantizationModifier, min/max observer, no data
   llm-compressor GPTQ             GPTQModifier on the very same token sequences
 
@@ -128,12 +130,14 @@ def main(argv: list[str] | None = None) -> int:
     g = str(args.group_size)
     ours = [sys.executable, "-m", "minicpm_convert", "to-int4", str(src)]
     common = ["--format", "compressed-tensors", "--group-size", g, "--force", "-q"]
+    calibrated = ["--calibration", str(calib), "--samples", str(args.samples), "--seq-len", str(args.seq_len)]
     methods = {
         "ours, plain rounding (--no-search --no-rescale)": ["--no-search", "--no-rescale"],
         "ours, scale search only (--no-rescale)": ["--no-rescale"],
         "ours, data-free default (rescale + search)": [],
-        f"ours, GPTQ --calibration ({args.samples} x {args.seq_len})":
-            ["--calibration", str(calib), "--samples", str(args.samples), "--seq-len", str(args.seq_len)],
+        f"ours, GPTQ --calibration ({args.samples} x {args.seq_len})": calibrated,
+        f"ours, AWQ --method awq ({args.samples} x {args.seq_len})": [*calibrated, "--method", "awq"],
+        f"ours, AWQ + GPTQ --method awq-gptq ({args.samples} x {args.seq_len})": [*calibrated, "--method", "awq-gptq"],
     }
     folders, seconds = {}, {}
     for k, (name, extra) in enumerate(methods.items()):

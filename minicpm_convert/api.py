@@ -296,16 +296,17 @@ def to_gguf(src: PathLike, out: PathLike, *, quant: str = "q4_K_M", arch: str | 
 
 def to_int4(src: PathLike, out: PathLike, *, format: str = "gptq", group_size: int = 128, sym: bool | None = None,
             search: bool = True, rescale: bool = True, calibration: PathLike | None = None, samples: int = 128,
-            seq_len: int = 512, act_order: bool | None = None, force: bool = False, quiet: bool = True,
-            notes: Notes = None) -> Int4Export:
+            seq_len: int = 512, act_order: bool | None = None, method: str | None = None, force: bool = False,
+            quiet: bool = True, notes: Notes = None) -> Int4Export:
     """Write a 4-bit group-quantized Llama-format checkpoint folder (GPTQ v1, compressed-tensors or
     AutoAWQ GEMM). `sym`: None takes the format's default (symmetric for gptq and
     compressed-tensors; asymmetric for awq, which has no symmetric layout).
 
     Data-free by default (column rescaling + scale search); `calibration`: a text whose first
     `samples` x `seq_len` tokens calibrate GPTQ (`act_order`: columns by decreasing activation
-    energy, static groups; None: on with calibration)."""
-    from .calibrated import Calibration, calibration_samples
+    energy, static groups; None: on with calibration). `method` (with `calibration`): "gptq" (None),
+    "awq" (AWQ's activation-aware scales, then rounding) or "awq-gptq" (AWQ's scales, then GPTQ)."""
+    from .calibrated import METHODS, Calibration, calibration_samples
     from .formats.hf.int4 import FORMATS, GROUP_SIZES, Int4Scheme
     from .formats.hf.int4_writer import write_int4
     from .card import int4_card
@@ -326,7 +327,14 @@ def to_int4(src: PathLike, out: PathLike, *, format: str = "gptq", group_size: i
                            "or compressed-tensors for symmetric")
     if calibration is None and act_order:
         raise ConvertError("--act-order: needs --calibration (it orders columns by their activations)")
-    act_order = calibration is not None and act_order is not False
+    if method is not None and method not in METHODS:
+        raise ConvertError(f"--method: unknown calibration method {method!r} ({', '.join(METHODS)})")
+    if calibration is None and method is not None:
+        raise ConvertError(f"--method {method}: needs --calibration (it is computed from the text's activations)")
+    method = method or "gptq"
+    if method == "awq" and act_order:
+        raise ConvertError("--act-order: is GPTQ's column order; --method awq runs no GPTQ (use awq-gptq)")
+    act_order = calibration is not None and method != "awq" and act_order is not False
     ckpt = _open(src)
     inputs = [Path(calibration)] if calibration is not None else []
     target = _folder_target(out, force, ckpt, inputs)
@@ -341,7 +349,7 @@ def to_int4(src: PathLike, out: PathLike, *, format: str = "gptq", group_size: i
                                f"({ckpt.spec.max_position_embeddings})")
         tokens = text_tokens(ckpt, read_text(path))
         calib = Calibration(calibration_samples(tokens, samples, seq_len, ckpt.spec.bos_token_id, str(path)),
-                            path.name, act_order)
+                            path.name, act_order, method)
     with atomic_folder(target) as tmp:
         report = write_int4(ckpt, llama_stream(ckpt), tmp, scheme, search=search, rescale=rescale,
                             calibration=calib, quiet=quiet)
@@ -349,8 +357,8 @@ def to_int4(src: PathLike, out: PathLike, *, format: str = "gptq", group_size: i
                                                     search, report, _parameters(ckpt), found, rescale=rescale,
                                                     calibration=calib), notes, found)
         write_manifest(tmp, command="to-int4", source=source_name(src))
-    method = "GPTQ" if calib is not None else "data-free"
-    return Int4Export(target.path, f"INT4 {format}, group {group_size}, {'sym' if sym else 'asym'}, {method}", found,
+    how = {"gptq": "GPTQ", "awq": "AWQ", "awq-gptq": "AWQ + GPTQ"}[method] if calib is not None else "data-free"
+    return Int4Export(target.path, f"INT4 {format}, group {group_size}, {'sym' if sym else 'asym'}, {how}", found,
                       report=report)
 
 

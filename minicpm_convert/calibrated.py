@@ -11,6 +11,14 @@ rescaling included) one block at a time, as GPTQModel and llm-compressor's seque
 2. each of the seven projections is quantized by GPTQ (`quants/gptq.py`) with its Hessian;
 3. block i runs again with the dequantized weights: its output is the next block's input.
 
+`method` "awq" or "awq-gptq" first takes AWQ's activation-aware scales (`quants/awq_scale.py`)
+for q/k/v and gate/up from the same Hessians and the mean |x| of their inputs: the norm that feeds
+them is multiplied by c = 1/s, their columns divided by c, their Hessian becomes diag(c) H diag(c)
+(the function is unchanged before quantization). Then "awq" rounds to the nearest code with the
+scale search weighted by the activation energy, as AutoAWQ rounds after its clip search;
+"awq-gptq" runs GPTQ on the scaled weights. The scaled norms are written in place of the
+originals, and the scales go to rescaling.safetensors for verify.
+
 Memory: the hidden states of all samples (samples x seq_len x hidden float32), one block's
 weights (each projection's original dropped once its dequantized value replaces it), its
 Hessians (each freed after its last projection) and GPTQ's inverse-Hessian factor of one
@@ -28,8 +36,9 @@ import torch
 from . import reference
 from .errors import ConvertError
 from .names import layer_index
-from .quants import gptq, int4
+from .quants import awq_scale, gptq, int4
 
+METHODS = ("gptq", "awq", "awq-gptq")
 # Projections whose inputs are the same activations share one Hessian.
 _INPUT_OF = {"q_proj": "attn", "k_proj": "attn", "v_proj": "attn", "o_proj": "o",
              "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "down"}
@@ -40,6 +49,15 @@ class Calibration:
     samples: list[list[int]]  # token ids, seq_len each, BOS first
     name: str  # the file's name, for the report
     act_order: bool = True
+    method: str = "gptq"  # one of METHODS
+
+    @property
+    def awq(self) -> bool:
+        return self.method.startswith("awq")
+
+    @property
+    def gptq(self) -> bool:
+        return self.method.endswith("gptq")
 
     @property
     def seq_len(self) -> int:
@@ -107,10 +125,10 @@ class _Weights:
 class _Hessians:
     """The capture hook: sum of x^T x per distinct projection input of one block."""
 
-    def __init__(self, layer: int):
+    def __init__(self, layer: int, abs_sums: bool = False):
         self.prefix = f"model.layers.{layer}."
         self.sums: dict[str, torch.Tensor] = {}
-        self.tokens = 0
+        self.abs_sums: dict[str, torch.Tensor] | None = {} if abs_sums else None  # sum |x| (AWQ's x_mean)
 
     def __call__(self, name: str, x: torch.Tensor) -> None:
         if not name.startswith(self.prefix):
@@ -120,10 +138,11 @@ class _Hessians:
             return  # k/v see q's input, up sees gate's
         if kind not in self.sums:
             self.sums[kind] = torch.zeros(x.shape[1], x.shape[1])
+            if self.abs_sums is not None:
+                self.abs_sums[kind] = torch.zeros(x.shape[1], dtype=torch.float64)
         self.sums[kind].addmm_(x.T, x)  # float32, as GPTQModel and llm-compressor accumulate it
-
-    def of(self, name: str) -> torch.Tensor:
-        return self.sums[_INPUT_OF[_kind(name)]]
+        if self.abs_sums is not None:
+            self.abs_sums[kind] += x.abs().sum(0, dtype=torch.float64)
 
 
 class GptqQuantizer:
@@ -137,46 +156,115 @@ class GptqQuantizer:
         self.calibration, self.group_size, self.sym, self.search = calibration, group_size, sym, search
         self.on_progress = on_progress  # called with "GPTQ block i/n: <stage> k/m" as the work goes
         self.done: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self.norms: dict[str, torch.Tensor] = {}  # AWQ-scaled norm weights, until written
+        self.awq_scales: dict[str, torch.Tensor] = {}  # NormScale key -> c, for rescaling.safetensors
+        self.awq_alphas: dict[str, float | None] = {}  # NormScale key -> AWQ's a (None: not scaled)
+        self._column_scale: dict[str, torch.Tensor] = {}  # projection -> the c its columns were divided by
         self.next_layer = 0
-        self.hidden: list[torch.Tensor] | None = None
+        self.hidden: torch.Tensor | None = None  # [samples, seq_len, hidden], one buffer
         self.rope = reference.rope_tables(self.llama_spec, torch.arange(calibration.seq_len))
 
     def quantize(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self._take(self.done, name, "a projection")
+
+    def norm(self, name: str) -> torch.Tensor:
+        """The AWQ-scaled weight of a norm that feeds projections (its block calibrated first)."""
+        return self._take(self.norms, name, "an AWQ-scaled norm")
+
+    def _take(self, results: dict, name: str, what: str):
+        """results[name], once the blocks up to name's have been calibrated (in order)."""
         layer = layer_index(name)
-        while name not in self.done:
+        while name not in results:
             if layer is None or self.next_layer > layer:
-                raise ValueError(f"'{name}' is not a projection of a block still to be quantized")
+                raise ValueError(f"'{name}' is not {what} of a block still to be calibrated")
             self._layer(self.next_layer)
             self.next_layer += 1
-        return self.done.pop(name)
+        return results.pop(name)
+
+    def scaled_weight(self, name: str, w: torch.Tensor) -> torch.Tensor:
+        """The weight the codes of projection `name` approximate: `w` with AWQ's column scale."""
+        c = self._column_scale.get(name)
+        return w if c is None else w / c
+
+    def _awq(self, i: int, hessians: _Hessians) -> None:
+        """AWQ's scales of block i's two norm-fed groups, folded in (module docstring)."""
+        from .formats.hf import int4_rescale
+        w = self.weights
+        prefix = f"model.layers.{i}."
+        for group in int4_rescale.norm_scales(self.llama_spec):
+            if not group.key.startswith(prefix):
+                continue
+            kind = _INPUT_OF[_kind(group.cols[0])]
+            originals = [w.read(n) for n in group.cols]
+            h = hessians.sums[kind]
+            try:
+                s, alpha, _ = awq_scale.search(originals, h, hessians.abs_sums[kind], self.group_size, self.sym)
+            except ValueError as exc:
+                raise ConvertError(f"tensor '{group.cols[0]}': cannot quantize ({exc})") from None
+            c = 1.0 / s
+            self.norms[group.norm] = w.read(group.norm) * c
+            w.replace(group.norm, self.norms[group.norm])
+            for name, original in zip(group.cols, originals):
+                w.replace(name, original / c)
+                self._column_scale[name] = c
+            h.mul_(c[:, None]).mul_(c[None, :])  # the inputs are now x * c
+            self.awq_scales[group.key], self.awq_alphas[group.key] = c, alpha
+
+    def _weighted_rtn(self, w: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Codes by the scale search alone, each group's columns weighted by their activation
+        energy (H's diagonal, as GPTQ's static groups are chosen), no error feedback."""
+        g = self.group_size
+        energy = h.diagonal().to(torch.float32)
+        parts = []
+        for k in range(w.shape[1] // g):
+            e = energy[k * g:(k + 1) * g]
+            parts.append(int4.quantize_groups(w[:, k * g:(k + 1) * g], g, self.sym, self.search,
+                                              e / e.mean().clamp_min(1e-30) + 1e-6))
+        return tuple(torch.cat(p, dim=1) for p in zip(*parts))
 
     def _layer(self, i: int) -> None:
         w, samples = self.weights, self.calibration.samples
         layers = self.llama_spec.num_hidden_layers
         step = lambda what, k, n: self.on_progress(f"GPTQ block {i + 1}/{layers}: {what} {k}/{n}")
         with torch.no_grad():
-            if self.hidden is None:
-                self.hidden = [reference.embed(w, s) for s in samples]
-            hessians = _Hessians(i)
+            if self.hidden is None:  # one buffer, overwritten block after block: a list of per-sample
+                # tensors replaced one by one left the heap fragmented (3.1 GB peak on the 2B for 604 MB)
+                self.hidden = torch.empty(len(samples), len(samples[0]), self.llama_spec.hidden_size)
+                for k, s in enumerate(samples):
+                    self.hidden[k] = reference.embed(w, s)
+            hessians = _Hessians(i, abs_sums=self.calibration.awq)
             for k, h in enumerate(self.hidden):
                 reference.decoder_layer(w, i, h, self.rope, hessians)
                 step("Hessians", k + 1, len(samples))
+            if self.calibration.awq:
+                step("AWQ scales", 0, 2)
+                self._awq(i, hessians)
             prefix = f"model.layers.{i}."
             names = [n for n in w.jobs if n.startswith(prefix) and _kind(n) in _INPUT_OF and n.endswith(".weight")]
             last_user = {_INPUT_OF[_kind(n)]: n for n in names}
             for k, name in enumerate(names):
+                kind = _INPUT_OF[_kind(name)]
                 try:
-                    parts = gptq.gptq(w.read(name), hessians.of(name), self.group_size, self.sym, self.search,
-                                      act_order=self.calibration.act_order)
+                    if self.calibration.gptq:
+                        # A Hessian's last user gets it as float64 in a list: GPTQ takes the only
+                        # reference (the float32 sum is freed here), so the 2B's down_proj peaks at
+                        # two float64 [in, in] matrices, not three plus the float32 one.
+                        h = [hessians.sums.pop(kind).to(torch.float64)] if last_user[kind] == name \
+                            else hessians.sums[kind]
+                        parts = gptq.gptq(w.read(name), h, self.group_size, self.sym, self.search,
+                                          act_order=self.calibration.act_order)
+                        del h
+                    else:
+                        parts = self._weighted_rtn(w.read(name), hessians.sums[kind])
+                        if last_user[kind] == name:
+                            del hessians.sums[kind]
                 except ValueError as exc:
                     raise ConvertError(f"tensor '{name}': cannot quantize ({exc})") from None
                 self.done[name] = parts
                 w.replace(name, int4.dequantize(*parts, self.group_size))
-                if last_user[_INPUT_OF[_kind(name)]] == name:  # memory: down's Hessian alone is in^2 floats
-                    del hessians.sums[_INPUT_OF[_kind(name)]]
-                step("GPTQ", k + 1, len(names))
+                step("GPTQ" if self.calibration.gptq else "rounding", k + 1, len(names))
             for k, h in enumerate(self.hidden):  # in place: one set of hidden states in memory
-                self.hidden[k] = reference.decoder_layer(w, i, h, self.rope)
+                h.copy_(reference.decoder_layer(w, i, h, self.rope))
                 step("forward", k + 1, len(samples))
-            for name in names:  # the next block reads its own weights; these are no longer needed
+            for name in [n for n in w.replaced if n.startswith(prefix)]:  # the next block reads its own
                 del w.replaced[name]

@@ -232,9 +232,12 @@ def int4_card(ckpt, source: str, repo_id: str | None, scheme, search: bool, repo
     flags = f"--format {scheme.format} --group-size {scheme.group_size} {'--sym' if scheme.sym else '--asym'}"
     flags += ("" if search else " --no-search") + ("" if rescale else " --no-rescale")
     if calibration is not None:
+        no_act_order = calibration.gptq and not calibration.act_order
         flags += (f" --calibration {calibration.name} --samples {len(calibration.samples)} "
-                  f"--seq-len {calibration.seq_len}{'' if calibration.act_order else ' --no-act-order'}")
-    how_made = ("quantized by GPTQ on calibration text" if calibration is not None
+                  f"--seq-len {calibration.seq_len}{' --no-act-order' if no_act_order else ''}"
+                  f"{'' if calibration.method == 'gptq' else ' --method ' + calibration.method}")
+    by = {"gptq": "GPTQ", "awq": "AWQ", "awq-gptq": "AWQ and GPTQ"}[calibration.method] if calibration else ""
+    how_made = (f"quantized by {by} on calibration text" if calibration is not None
                 else "group-quantized without calibration data")
     summary = (f"{hub_link(repo_id, source)} with 4-bit weights, converted by minicpm-convert {__version__} "
                f"(`minicpm-convert to-int4 {name} OUT {flags}`): the Llama "
@@ -247,8 +250,15 @@ def int4_card(ckpt, source: str, repo_id: str | None, scheme, search: bool, repo
     how = ("a per-group search of the scale (and zero) for the least error weighted as llama.cpp's k-quants "
            "weight it, plain rounding among the candidates" if search else "plain rounding to nearest")
     if calibration is not None:
-        how = (f"GPTQ on {len(calibration.samples)} x {calibration.seq_len} tokens of `{calibration.name}` "
-               f"(group scales by {how})")
+        tokens = f"{len(calibration.samples)} x {calibration.seq_len} tokens of `{calibration.name}`"
+        if calibration.gptq:
+            how = f"GPTQ on {tokens} (group scales by {how})"
+        else:
+            how = f"{how}, each column's error weighted by its activation energy on {tokens}"
+        if calibration.awq:
+            how += ("; before quantizing, AWQ's activation-aware scales (from the same tokens) were folded into "
+                    "the input and post-attention norms and divided out of the q/k/v and gate/up input columns "
+                    "(the function is unchanged; the scales are in `rescaling.safetensors`)")
     if rescale:
         how += ("; before quantizing, o_proj/down_proj input columns were rescaled against v_proj/up_proj "
                 "output rows (the function is unchanged; the scales are in `rescaling.safetensors`)")

@@ -199,6 +199,12 @@ class Int4Format(str, Enum):
     awq = "awq"
 
 
+class Int4Method(str, Enum):
+    gptq = "gptq"
+    awq = "awq"
+    awq_gptq = "awq-gptq"
+
+
 @app.command("to-int4")
 @run_safely
 def to_int4(
@@ -216,8 +222,9 @@ def to_int4(
     rescale: bool = typer.Option(True, "--rescale/--no-rescale", help="Balance o_proj/down_proj input columns "
                                  "against v_proj/up_proj rows before quantizing (function unchanged; scales saved "
                                  "as rescaling.safetensors for verify)."),
-    calibration: Optional[Path] = typer.Option(None, "--calibration", help="A text (UTF-8) to calibrate GPTQ on: "
-                                               "Hessians of each layer's inputs from our forward pass, layer by layer "
+    calibration: Optional[Path] = typer.Option(None, "--calibration", help="A text (UTF-8) to calibrate GPTQ (or "
+                                               "AWQ, --method) on: Hessians of each layer's inputs from our forward "
+                                               "pass, layer by layer "
                                                "(verify holds such an export to the error-compensated INT4 bound, "
                                                "int4-g*/gptq: GPTQ moves weights by design; see README)."),
     samples: int = typer.Option(128, "--samples", help="With --calibration: sequences taken from the text."),
@@ -226,10 +233,13 @@ def to_int4(
                                              "visits columns by decreasing activation energy, with static groups "
                                              "(g_idx stays trivial); on by default, as llm-compressor's "
                                              "actorder=static."),
+    method: Optional[Int4Method] = typer.Option(None, "--method", help="With --calibration: gptq (the default); "
+                                                "awq: AWQ's activation-aware scales folded into the norms, then "
+                                                "rounding with the scale search; awq-gptq: AWQ's scales, then GPTQ."),
     force: bool = typer.Option(False, "--force", help=FORCE_FOLDER_HELP),
     quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
 ):
-    """Write a 4-bit group-quantized Llama-format checkpoint: data-free, or GPTQ with --calibration.
+    """Write a 4-bit group-quantized Llama-format checkpoint: data-free, or GPTQ (or AWQ) with --calibration.
 
     The seven projections of every block are quantized; embeddings, norms and lm_head stay
     float16. Prints the relative weight error per layer type and writes quantization_report.json;
@@ -239,7 +249,8 @@ def to_int4(
     from .formats.hf.int4_writer import REPORT_FILE
 
     done = api.to_int4(src, out, format=fmt.value, group_size=group_size, sym=sym, search=search, rescale=rescale,
-                       calibration=calibration, samples=samples, seq_len=seq_len, act_order=act_order, force=force,
+                       calibration=calibration, samples=samples, seq_len=seq_len, act_order=act_order,
+                       method=method.value if method is not None else None, force=force,
                        quiet=quiet, notes=note)
     if not quiet:
         table = Table(title=f"relative weight error ||W-Ŵ||/||W|| (mean over layers; {REPORT_FILE})")

@@ -34,13 +34,19 @@ DAMP = 0.01
 BLOCK = 128
 
 
-def inverse_hessian_factor(h: torch.Tensor, damp: float = DAMP, *, overwrite: bool = False) -> torch.Tensor:
+def inverse_hessian_factor(h: torch.Tensor | list, damp: float = DAMP, *, overwrite: bool = False
+                           ) -> torch.Tensor:
     """Upper Cholesky factor of (H + damp*mean(diag H)*I)^-1, float32 (GPTQ's Hinv).
 
-    Computed in float64 with at most two [in, in] float64 matrices alive besides `h` (the down
-    projection's Hessian of a 2B model is 5760^2: 265 MB each); `overwrite=True` lets it damp a
-    float64 `h` in place (its contents are then undefined), so the caller's copy is the first."""
-    h = h.to(torch.float64) if overwrite else h.to(torch.float64, copy=True)
+    Computed in float64 with at most two [in, in] float64 matrices alive at once (the down
+    projection's Hessian of a 2B model is 5760^2: 265 MB each) besides the caller's `h`;
+    `overwrite=True` lets it damp a float64 `h` in place (its contents are then undefined). `h`
+    may also be a list holding the float64 Hessian as its only reference: it is taken out, and
+    freed once factorised, so two matrices are the peak overall."""
+    if isinstance(h, list):
+        h = h.pop()
+    else:
+        h = h.to(torch.float64) if overwrite else h.to(torch.float64, copy=True)
     mean = h.diagonal().mean().item()
     extra = damp * (mean if mean > 0 else 1.0)
     diag = h.diagonal().clone()
@@ -53,7 +59,7 @@ def inverse_hessian_factor(h: torch.Tensor, damp: float = DAMP, *, overwrite: bo
         extra *= 10
     else:
         raise ValueError("the Hessian is not positive definite even with strong damping")
-    del h  # the caller's reference (if any) stays; with overwrite it is garbage from here on
+    del h  # freed if it came in a list; otherwise the caller's reference stays (garbage with overwrite)
     inv = torch.cholesky_inverse(l)
     del l
     upper = torch.linalg.cholesky(inv, upper=True)
@@ -61,12 +67,15 @@ def inverse_hessian_factor(h: torch.Tensor, damp: float = DAMP, *, overwrite: bo
     return upper.to(torch.float32)
 
 
-def gptq(w: torch.Tensor, h: torch.Tensor, group_size: int, sym: bool = True, search: bool = True,
+def gptq(w: torch.Tensor, h: torch.Tensor | list, group_size: int, sym: bool = True, search: bool = True,
          damp: float = DAMP, block: int = BLOCK, act_order: bool = True
          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(codes uint8 [out,in], scales f32 [out,in/g], zeros uint8 [out,in/g]) of `w` [out,in]
-    quantized with the input Hessian `h` [in,in]."""
+    quantized with the input Hessian `h` [in,in]: a tensor (copied), or a list holding a float64
+    one as its only reference, which is taken and worked on in place (the caller's last use of a
+    Hessian: one float64 [in, in] less at the peak, 265 MB for a 2B's down_proj)."""
     out, inp = w.shape
+    h = h.pop() if isinstance(h, list) else h.to(torch.float64, copy=True)
     if inp % group_size:
         raise ValueError(f"input size {inp} is not a multiple of group size {group_size}")
     if h.shape != (inp, inp):
@@ -74,7 +83,6 @@ def gptq(w: torch.Tensor, h: torch.Tensor, group_size: int, sym: bool = True, se
     w = w.detach().to(torch.float32).clone()
     if not torch.isfinite(w).all():
         raise ValueError("weight contains NaN or Inf")
-    h = h.to(torch.float64, copy=True)
     dead = h.diagonal() == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
@@ -99,8 +107,9 @@ def gptq(w: torch.Tensor, h: torch.Tensor, group_size: int, sym: bool = True, se
         w = w[:, perm]
         h = h.index_select(0, perm)
         h = h.index_select(1, perm)
-    hinv = inverse_hessian_factor(h, damp, overwrite=True)
+    held = [h]
     del h
+    hinv = inverse_hessian_factor(held, damp)  # takes the only reference: h is freed once factorised
     group_of = (perm if perm is not None else torch.arange(inp)) // group_size
     codes = torch.empty(out, inp, dtype=torch.uint8)
     for b0 in range(0, inp, block):

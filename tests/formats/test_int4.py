@@ -20,7 +20,7 @@ from minicpm_convert.families import expected_shapes
 from minicpm_convert.quants import int4, int4_awq
 from minicpm_convert.stream import llama_stream
 from minicpm_convert.verify import compare, prompt_tokens, verify
-from tests.conftest import run_cli
+from tests.conftest import ROOT, run_cli
 from tests.requirements import require
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -269,14 +269,23 @@ def test_awq_config_is_autoawqs(int4_export):
 
 
 @pytest.mark.interop
-def test_transformers_loads_awq_export(int4_export, fixture_path):
+@pytest.mark.parametrize("method", [None, "awq"])
+def test_transformers_loads_awq_export(method, int4_export, fixture_path, tmp_path):
     """transformers 5 loads AWQ through gptqmodel: its own decoder (dequantize_gemm, in float16)
     gives every layer as ours rounded to float16, and its CPU kernel (TorchAtenAwqLinear, which
-    computes in bfloat16 with bfloat16 scales) gives logits near our reference on the same weights."""
+    computes in bfloat16 with bfloat16 scales) gives logits near our reference on the same weights.
+    Data-free, and with AWQ's activation-aware scales folded into the norms (`--method awq`)."""
     pytest.importorskip("gptqmodel")
     from transformers import AutoModelForCausalLM
 
-    folder = int4_export("tiny", "awq", 128, sym=False)
+    if method is None:
+        folder = int4_export("tiny", "awq", 128, sym=False)
+    else:
+        folder = tmp_path / "awq"
+        code, _, err = run_cli("to-int4", fixture_path("tiny"), folder, "--format", "awq", "--calibration",
+                               ROOT / "tests" / "data" / "calibration.md", "--samples", "8", "--seq-len", "128",
+                               "--method", method, "-q")
+        assert code == 0, err
     source = Int4Source(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float16)
     model.eval()

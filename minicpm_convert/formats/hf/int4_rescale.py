@@ -21,6 +21,14 @@ source: both tensors of a pair follow from one vector, so a wrong or tampered ve
 as function-preserving. And since the vector is a function of the source, verify computes it
 again for a GPTQ export (`check_against`), whose looser weight bound could let one tampered entry
 through (a data-free export's per-group bound fails it).
+
+With calibration data, AWQ's activation-aware scales (`quants/awq_scale.py`, `to-int4 --method
+awq` or `awq-gptq`) go in the same file under the key of the norm they are folded into
+(`NormScale`: the norm's weight times c, the columns of the projections it feeds divided by c).
+They depend on the calibration text, so verify cannot compute them again; it does not need to:
+the norm is stored in float16, and verify holds it to the source's norm times c at float16's
+own bound, so a wrong entry fails on the norm (the file's metadata names the methods, joined
+by '+').
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ SINKHORN_ITERS = 10
 # The file's metadata names how the vectors were computed; verify recomputes the ones it knows
 # (a file without metadata predates it and was made by this method).
 METHOD = f"sinkhorn-std-{SINKHORN_ITERS}"
+AWQ_METHOD = "awq-calibrated"  # not recomputable: pinned by the float16 norms (module docstring)
 # balance() gives the same bits compiled or not, but exports made before the kernel (torch float64:
 # other summation orders) or by a later float32 kernel may differ in the last bits.
 RECOMPUTE_RTOL = 1e-4
@@ -65,6 +74,26 @@ class Pair:
         out = w.shape[0]
         return (w.reshape(out, -1, self.repeat, self.block).permute(2, 0, 1, 3)
                 .reshape(self.repeat * out, -1))
+
+
+@dataclass(frozen=True)
+class NormScale:
+    """The RMSNorm weight `norm` times c, the columns of every projection in `cols` divided by c."""
+    key: str
+    norm: str
+    cols: tuple[str, ...]
+
+
+def norm_scales(spec: ModelSpec) -> list[NormScale]:
+    """Every (input_layernorm -> q/k/v, post_attention_layernorm -> gate/up) of a Llama-format model."""
+    found = []
+    for i in range(spec.num_hidden_layers):
+        p = f"model.layers.{i}."
+        found.append(NormScale(p + "input_layernorm", p + "input_layernorm.weight",
+                               tuple(p + f"self_attn.{k}_proj.weight" for k in "qkv")))
+        found.append(NormScale(p + "post_attention_layernorm", p + "post_attention_layernorm.weight",
+                               (p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight")))
+    return found
 
 
 def pairs(spec: ModelSpec) -> list[Pair]:
@@ -164,14 +193,14 @@ def compute(jobs: dict, spec: ModelSpec) -> dict[str, torch.Tensor]:
 
 def check(scales: dict[str, torch.Tensor], spec: ModelSpec, shapes: dict, where: str) -> list[str]:
     """Problems of a rescaling file: unknown keys, wrong lengths, non-positive or non-finite values."""
-    known = {p.key: p for p in pairs(spec)}
+    known = {p.key: p.rows for p in pairs(spec)} | {n.key: n.norm for n in norm_scales(spec)}
     problems = []
     for key, c in scales.items():
-        pair = known.get(key)
-        if pair is None:
+        rows = known.get(key)
+        if rows is None:
             problems.append(f"{where}: unknown rescaling '{key}'")
-        elif c.ndim != 1 or c.shape[0] != shapes[pair.rows][0]:
-            problems.append(f"{where}: rescaling '{key}' has shape {list(c.shape)}, expected [{shapes[pair.rows][0]}]")
+        elif c.ndim != 1 or c.shape[0] != shapes[rows][0]:
+            problems.append(f"{where}: rescaling '{key}' has shape {list(c.shape)}, expected [{shapes[rows][0]}]")
         elif not (torch.isfinite(c).all() and (c > 0).all()):
             problems.append(f"{where}: rescaling '{key}' holds a value that is not a positive number")
     return problems
@@ -181,8 +210,10 @@ def check_against(scales: dict[str, torch.Tensor], method: str | None, jobs: dic
                   where: str) -> list[str]:
     """Problems of a rescaling file against the source it was computed from (`jobs`: the
     source's Llama-format jobs): every pair's vector as `compute` gives it. [] for a method this
-    version does not know (a later one's: it cannot be recomputed here)."""
-    if (method or METHOD) != METHOD:
+    version does not know (a later one's: it cannot be recomputed here). AWQ's norm scales are
+    not recomputed (they come from the calibration text; the float16 norms pin them)."""
+    parts = (method or METHOD).split("+")
+    if METHOD not in parts or not set(parts) <= {METHOD, AWQ_METHOD}:
         return []
     problems = []
     expected = compute(jobs, spec)
@@ -191,7 +222,7 @@ def check_against(scales: dict[str, torch.Tensor], method: str | None, jobs: dic
     for key, c in scales.items():
         want = expected.get(key)
         if want is None:
-            continue  # an unknown key is check()'s to report
+            continue  # an AWQ norm scale, or an unknown key (check()'s to report)
         off = ((c - want).abs() > RECOMPUTE_RTOL * want.abs()).nonzero()
         if len(off):
             i = int(off[0])
@@ -201,7 +232,9 @@ def check_against(scales: dict[str, torch.Tensor], method: str | None, jobs: dic
 
 
 def apply(jobs: list, spec: ModelSpec, scales: dict[str, torch.Tensor]) -> list:
-    """The jobs with every pair's rows multiplied and columns divided (float32, before any cast)."""
+    """The jobs with every pair's rows multiplied and columns divided (float32, before any cast);
+    a tensor in two (v_proj, up_proj: rows by their pair, columns by the norm's AWQ scale) gets
+    its rows multiplied first."""
     if not scales:
         return jobs
     rows, cols = {}, {}
@@ -210,14 +243,21 @@ def apply(jobs: list, spec: ModelSpec, scales: dict[str, torch.Tensor]) -> list:
         if c is not None:
             rows[pair.rows] = c
             cols[pair.cols] = pair.column_scale(c)
+    for norm in norm_scales(spec):
+        c = scales.get(norm.key)
+        if c is not None:
+            rows[norm.norm] = c
+            cols.update(dict.fromkeys(norm.cols, c))
     out = []
     for job in jobs:
+        read = job.read
         if job.name in rows:
             c = rows[job.name]
-            out.append(replace(job, read=lambda a, b, r=job.read, c=c: r(a, b) * c[a:b, None]))
-        elif job.name in cols:
-            c = cols[job.name]
-            out.append(replace(job, read=lambda a, b, r=job.read, c=c: r(a, b) / c))
-        else:
-            out.append(job)
+            if len(job.shape) == 1:  # a norm's weight
+                read = lambda a, b, r=read, c=c: r(a, b) * c[a:b]  # noqa: E731
+            else:
+                read = lambda a, b, r=read, c=c: r(a, b) * c[a:b, None]  # noqa: E731
+        if job.name in cols:
+            read = lambda a, b, r=read, c=cols[job.name]: r(a, b) / c  # noqa: E731
+        out.append(job if read is job.read else replace(job, read=read))
     return out

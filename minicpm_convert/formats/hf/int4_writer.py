@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from contextlib import closing, contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -142,7 +142,7 @@ def _quantize_calibrated(job: TensorJob, scheme: Int4Scheme, search: bool, repor
     g = scheme.group_size
     try:
         codes, scales, zeros = calibrated.quantize(job.name)
-        w = job.read_all()
+        w = calibrated.scaled_weight(job.name, job.read_all())
         rtn = int4.quantize_groups(w, g, scheme.sym, False)
     except ValueError as exc:
         raise ConvertError(f"tensor '{job.name}': cannot quantize ({exc})") from None
@@ -184,6 +184,10 @@ def write_int4(ckpt: Checkpoint, jobs: list[TensorJob], out: Path, scheme: Int4S
     calibrated = None
     if calibration is not None:
         calibrated = GptqQuantizer(jobs, ckpt.spec, calibration, scheme.group_size, scheme.sym, search)
+        if calibration.awq:  # the norms are written as AWQ scaled them, once their block is calibrated
+            norms = {n.norm for n in int4_rescale.norm_scales(llama_spec)}
+            jobs = [replace(j, read=lambda a, b, n=j.name: calibrated.norm(n)[a:b]) if j.name in norms else j
+                    for j in jobs]
     shards = plan_shards(jobs, lambda job: _nbytes(_entries(job, scheme)), shard_bytes)
     weight_map: dict[str, str] = {}
     total = 0
@@ -234,9 +238,13 @@ def write_int4(ckpt: Checkpoint, jobs: list[TensorJob], out: Path, scheme: Int4S
             total += _nbytes(entries)
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    methods = [int4_rescale.METHOD] if scales else []
+    if calibrated is not None and calibrated.awq_scales:
+        scales = scales | calibrated.awq_scales
+        methods.append(int4_rescale.AWQ_METHOD)
     if scales:
         save_file({k: v.contiguous() for k, v in scales.items()}, str(out / int4_rescale.FILE),
-                  metadata={"method": int4_rescale.METHOD})
+                  metadata={"method": "+".join(methods)})
     method = method_name(search, rescale, calibration)
     qc = quantization_config(scheme, method)
     cfg = family_of(ckpt.spec).llama_config(ckpt.spec, FLOAT_DTYPE) | {"quantization_config": qc}
@@ -244,15 +252,24 @@ def write_int4(ckpt: Checkpoint, jobs: list[TensorJob], out: Path, scheme: Int4S
     if scheme.format == "gptq":  # GPTQModel and AutoGPTQ read this file rather than config.json
         (out / "quantize_config.json").write_text(json.dumps(qc, indent=2) + "\n")
     write_side_files(ckpt, out)
-    (out / REPORT_FILE).write_text(json.dumps(report_json(scheme, method, report), indent=2) + "\n")
+    summary = report_json(scheme, method, report)
+    if calibrated is not None and calibrated.awq_alphas:  # AWQ's chosen exponent per norm (null: no scaling)
+        summary["awq_alpha"] = calibrated.awq_alphas
+    (out / REPORT_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     return report
 
 
 def method_name(search: bool, rescale: bool, calibration: Calibration | None) -> str:
     """How the codes were chosen, as the report and quantization_config's meta say."""
     if calibration is not None:
-        base = f"gptq{'-act-order' if calibration.act_order else ''} ({len(calibration.samples)} x " \
-               f"{calibration.seq_len} tokens of {calibration.name}), {'search' if search else 'minmax'} scales"
+        what = f"({len(calibration.samples)} x {calibration.seq_len} tokens of {calibration.name})"
+        scales = "search" if search else "minmax"
+        if calibration.gptq:  # verify reads a method starting with "gptq" as error-compensated codes
+            base = f"gptq{'-act-order' if calibration.act_order else ''} {what}, {scales} scales"
+        else:
+            base = f"awq {what}, {scales} scales"
+        if calibration.awq:
+            base += ", awq-scaled q/k/v and gate/up"
     else:
         base = "minmax-search" if search else "round-to-nearest"
     return base + (", sinkhorn-rescaled o/down" if rescale else "")
