@@ -336,6 +336,10 @@ def to_int4(src: PathLike, out: PathLike, *, format: str = "gptq", group_size: i
         raise ConvertError("--act-order: is GPTQ's column order; --method awq runs no GPTQ (use awq-gptq)")
     act_order = calibration is not None and method != "awq" and act_order is not False
     ckpt = _open(src)
+    from .families import family_of
+    why = family_of(ckpt.spec).int4_refusal(ckpt.spec, format, method if calibration is not None else None)
+    if why is not None:
+        raise ConvertError(f"{ckpt.folder}: {why}")
     inputs = [Path(calibration)] if calibration is not None else []
     target = _folder_target(out, force, ckpt, inputs)
     found = _checked(ckpt, "to-int4", target.path, notes)

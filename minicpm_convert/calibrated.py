@@ -11,6 +11,11 @@ rescaling included) one block at a time, as GPTQModel and llm-compressor's seque
 2. each of the seven projections is quantized by GPTQ (`quants/gptq.py`) with its Hessian;
 3. block i runs again with the dequantized weights: its output is the next block's input.
 
+MoE (the Mixtral layout), per expert as GPTQModel does: an expert's w1/w3 share the Hessian of
+the tokens routed to it, its w2 that of its own hidden activations; an expert no calibration
+token reached has no Hessian and is quantized data-free (the scale search), not zeroed as GPTQ
+treats an input it never saw; the report lists it. The router stays float16.
+
 `method` "awq" or "awq-gptq" first takes AWQ's activation-aware scales (`quants/awq_scale.py`)
 for q/k/v and gate/up from the same Hessians and the mean |x| of their inputs: the norm that feeds
 them is multiplied by c = 1/s, their columns divided by c, their Hessian becomes diag(c) H diag(c)
@@ -35,7 +40,7 @@ import torch
 
 from . import reference
 from .errors import ConvertError
-from .names import layer_index
+from .names import expert_parts, layer_index
 from .quants import awq_scale, gptq, int4
 
 METHODS = ("gptq", "awq", "awq-gptq")
@@ -88,6 +93,23 @@ def _kind(name: str) -> str:
     return name.rsplit(".", 2)[-2]
 
 
+def _input_of(name: str) -> str | None:
+    """Which Hessian a projection's codes are computed with: the distinct input it multiplies
+    ('attn', 'o', 'mlp', 'down'; 'experts.E.mlp' / 'experts.E.down' per expert); None: not a
+    projection (norms, the router)."""
+    parts = expert_parts(name)
+    if parts is not None:
+        return f"experts.{parts[1]}.{'down' if parts[2] == 'w2' else 'mlp'}"
+    return _INPUT_OF.get(_kind(name))
+
+
+def _sums_input(name: str) -> bool:
+    """Whether the capture of this projection's input is summed (k/v see q's input, up sees
+    gate's, an expert's w3 its w1's)."""
+    parts = expert_parts(name)
+    return parts[2] != "w3" if parts is not None else _kind(name) not in ("k_proj", "v_proj", "up_proj")
+
+
 class _Weights:
     """The Llama-format model as a WeightSource: the jobs' tensors, with the projections of
     quantized blocks replaced by their dequantized values; one block's tensors cached."""
@@ -133,9 +155,9 @@ class _Hessians:
     def __call__(self, name: str, x: torch.Tensor) -> None:
         if not name.startswith(self.prefix):
             return
-        kind = _INPUT_OF.get(_kind(name))
-        if kind is None or (kind in ("attn", "mlp") and _kind(name) not in ("q_proj", "gate_proj")):
-            return  # k/v see q's input, up sees gate's
+        kind = _input_of(name)
+        if kind is None or not _sums_input(name):
+            return
         if kind not in self.sums:
             self.sums[kind] = torch.zeros(x.shape[1], x.shape[1])
             if self.abs_sums is not None:
@@ -159,6 +181,7 @@ class GptqQuantizer:
         self.norms: dict[str, torch.Tensor] = {}  # AWQ-scaled norm weights, until written
         self.awq_scales: dict[str, torch.Tensor] = {}  # NormScale key -> c, for rescaling.safetensors
         self.awq_alphas: dict[str, float | None] = {}  # NormScale key -> AWQ's a (None: not scaled)
+        self.uncalibrated: list[str] = []  # experts' projections no calibration token reached
         self._column_scale: dict[str, torch.Tensor] = {}  # projection -> the c its columns were divided by
         self.next_layer = 0
         self.hidden: torch.Tensor | None = None  # [samples, seq_len, hidden], one buffer
@@ -194,7 +217,7 @@ class GptqQuantizer:
         for group in int4_rescale.norm_scales(self.llama_spec):
             if not group.key.startswith(prefix):
                 continue
-            kind = _INPUT_OF[_kind(group.cols[0])]
+            kind = _input_of(group.cols[0])
             originals = [w.read(n) for n in group.cols]
             h = hessians.sums[kind]
             try:
@@ -240,12 +263,16 @@ class GptqQuantizer:
                 step("AWQ scales", 0, 2)
                 self._awq(i, hessians)
             prefix = f"model.layers.{i}."
-            names = [n for n in w.jobs if n.startswith(prefix) and _kind(n) in _INPUT_OF and n.endswith(".weight")]
-            last_user = {_INPUT_OF[_kind(n)]: n for n in names}
+            names = [n for n in w.jobs if n.startswith(prefix) and _input_of(n) is not None
+                     and n.endswith(".weight")]
+            last_user = {_input_of(n): n for n in names}
             for k, name in enumerate(names):
-                kind = _INPUT_OF[_kind(name)]
+                kind = _input_of(name)
                 try:
-                    if self.calibration.gptq:
+                    if kind not in hessians.sums:  # an expert no token was routed to
+                        parts = int4.quantize_groups(w.read(name), self.group_size, self.sym, self.search)
+                        self.uncalibrated.append(name)
+                    elif self.calibration.gptq:
                         # A Hessian's last user gets it as float64 in a list: GPTQ takes the only
                         # reference (the float32 sum is freed here), so the 2B's down_proj peaks at
                         # two float64 [in, in] matrices, not three plus the float32 one.

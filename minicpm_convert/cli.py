@@ -212,7 +212,7 @@ def to_int4(
     out: Path = typer.Argument(..., help="Output folder (LlamaForCausalLM with 4-bit Linear layers)."),
     fmt: Int4Format = typer.Option(Int4Format.gptq, "--format", help="gptq: GPTQ v1 (transformers+gptqmodel, vLLM, "
                                    "SGLang); compressed-tensors: pack-quantized (transformers, vLLM); awq: AutoAWQ "
-                                   "GEMM, asymmetric (transformers+gptqmodel, vLLM)."),
+                                   "GEMM, asymmetric (transformers+gptqmodel, vLLM). MiniCPM-MoE: compressed-tensors only."),
     group_size: int = typer.Option(128, "--group-size", help="Weights per scale along the input: 32, 64 or 128."),
     sym: Optional[bool] = typer.Option(None, "--sym/--asym", help="Symmetric (zero 8) or asymmetric (a zero per "
                                        "group). Default: --sym, but --asym for awq (asymmetric only)."),

@@ -80,6 +80,19 @@ class Family:
         """Why `command` (one of COMMANDS) cannot represent this model exactly, or None."""
         return self.refused
 
+    def int4_mlp_pairs(self, spec: ModelSpec, p: str) -> list[tuple[str, str, str]]:
+        """(key, rows, cols) of the INT4 rescaling pairs of block `p`'s MLP in the Llama-format
+        model (formats/hf/int4_rescale.py): up_proj's rows against down_proj's columns."""
+        return [(p + "mlp.down_proj", p + "mlp.up_proj.weight", p + "mlp.down_proj.weight")]
+
+    def int4_ignore(self, spec: ModelSpec) -> tuple[str, ...]:
+        """The Linear modules an INT4 export leaves unquantized (compressed-tensors' `ignore`)."""
+        return ("lm_head",)
+
+    def int4_refusal(self, spec: ModelSpec, format: str, method: str | None) -> str | None:
+        """Why to-int4 with this --format and --method (None: data-free) cannot serve this model, or None."""
+        return None
+
     def warnings(self, spec: ModelSpec, command: str) -> list[str]:
         """What an export keeps differently from the original, said before the work starts."""
         return []

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..names import to_mixtral
+from ..names import MIXTRAL_PREFIX, to_mixtral
 from ..spec import ModelSpec, get_key
 from . import register
 from .base import GgufFields, common_config_fields
@@ -105,17 +105,36 @@ class MiniCPMMoE(MiniCPMBase):
         return ModelSpec(family=self.name, **common_config_fields(cfg, where), **self.parse_mup(cfg, where),
                          **parse_experts(cfg, where, "num_experts"))
 
-    def refusal(self, spec: ModelSpec, command: str) -> str | None:
-        if command == "to-int4":
-            return "INT4 export of MiniCPM-MoE's experts is not supported"
-        return super().refusal(spec, command)
+    def int4_mlp_pairs(self, spec: ModelSpec, p: str) -> list[tuple[str, str, str]]:
+        """Every expert's w3 rows against its w2 columns (silu(w1 x) * w3 x is linear in w3), by
+        their Mixtral names (the Llama-format model's)."""
+        return [(x + "w2", x + "w3.weight", x + "w2.weight")
+                for x in (f"{p}{MIXTRAL_PREFIX}experts.{e}." for e in range(spec.num_experts))]
+
+    def int4_ignore(self, spec: ModelSpec) -> tuple[str, ...]:
+        # the router stays float16, as llm-compressor's Mixtral recipes leave it
+        return super().int4_ignore(spec) + (f"re:.*{MIXTRAL_PREFIX}gate$",)
+
+    def int4_refusal(self, spec: ModelSpec, format: str, method: str | None) -> str | None:
+        # transformers 5 holds Mixtral's experts as fused 3-D tensors and builds them from
+        # per-expert INT4 tensors only for compressed-tensors (CompressedTensorsDequantize); the
+        # GPTQ and AWQ layouts have no such path there, and vLLM's INT4 MoE kernels need a GPU.
+        if format != "compressed-tensors":
+            return (f"--format {format}: MiniCPM-MoE's experts are exported to INT4 as compressed-tensors only "
+                    "(transformers 5 loads per-expert INT4 experts from that layout alone); use --format "
+                    "compressed-tensors")
+        if method is not None and method.startswith("awq"):
+            return (f"--method {method}: MiniCPM-MoE's post-attention norm also feeds the router, so AWQ's scales "
+                    "cannot be folded into it; use --method gptq")
+        return None
 
     def support(self, command: str) -> str:
         return {
             "to-llama": "yes: Mixtral layout (`MixtralForCausalLM`, w2 of every expert folded)",
             "to-gguf": "yes: stacked `ffn_{gate,up,down}_exps`, F32 router `ffn_gate_inp`, llama-quantize's "
                        "8-expert plan",
-            "to-int4": "refused: no MoE INT4 layout",
+            "to-int4": "yes: compressed-tensors, per expert (GPTQ per expert on its routed tokens); router "
+                       "float16",
             "verify": "yes (routing softmax → top-k → renormalise, float32)",
         }.get(command, "yes")
 

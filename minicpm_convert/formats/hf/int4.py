@@ -20,7 +20,7 @@ import torch
 
 from ... import __version__
 from ...errors import ConvertError
-from ...names import PROJECTIONS
+from ...names import PROJECTIONS, expert_parts
 
 FORMATS = ("gptq", "compressed-tensors", "awq")
 GROUP_SIZES = (32, 64, 128)
@@ -40,12 +40,14 @@ class Int4Scheme:
 
 
 def is_projection(name: str) -> bool:
-    """One of the seven Linear weights of a block (the tensors INT4 quantizes)."""
-    return name.startswith("model.layers.") and name.endswith(tuple(f".{p}.weight" for p in PROJECTIONS))
+    """One of the seven Linear weights of a block, or an expert's w1/w3/w2 (the tensors INT4
+    quantizes; a MoE router stays float16, as llm-compressor leaves it)."""
+    return name.startswith("model.layers.") and (name.endswith(tuple(f".{p}.weight" for p in PROJECTIONS))
+                                                 or expert_parts(name) is not None)
 
 
 def layer_type(name: str) -> str:
-    """'q_proj', 'gate_proj', ... of a projection weight name."""
+    """'q_proj', 'gate_proj', ... ('w1', 'w3', 'w2' for an expert) of a projection weight name."""
     return name.rsplit(".", 2)[-2]
 
 
@@ -86,9 +88,10 @@ def check_shapes(shapes: dict[str, tuple[int, ...]], group_size: int, where: str
                                "(INT4 packs 8 output columns per zero-point word)")
 
 
-def quantization_config(scheme: Int4Scheme, method: str) -> dict:
+def quantization_config(scheme: Int4Scheme, method: str, ignore: tuple[str, ...] = ("lm_head",)) -> dict:
     """config.json's `quantization_config` (and GPTQ's quantize_config.json); `method` says how the
-    codes were chosen (int4_writer.method_name)."""
+    codes were chosen (int4_writer.method_name); `ignore`: the Linear modules compressed-tensors
+    leaves unquantized (the family's `int4_ignore`)."""
     if scheme.format == "gptq":
         return {
             "quant_method": "gptq",
@@ -128,7 +131,7 @@ def quantization_config(scheme: Int4Scheme, method: str) -> dict:
         "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights,
                                       "input_activations": None, "output_activations": None,
                                       "format": "pack-quantized"}},
-        "ignore": ["lm_head"],
+        "ignore": list(ignore),
         "kv_cache_scheme": None,
         "global_compression_ratio": None,
     }

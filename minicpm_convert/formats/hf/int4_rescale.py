@@ -97,14 +97,17 @@ def norm_scales(spec: ModelSpec) -> list[NormScale]:
 
 
 def pairs(spec: ModelSpec) -> list[Pair]:
-    """Every (v -> o, up -> down) pair of a Llama-format model."""
+    """Every (v -> o, up -> down) pair of a Llama-format model (the MLP's pairs as its family
+    names them: every expert's w3 -> w2 in the Mixtral layout)."""
+    from ...families import family_of
+    family = family_of(spec)
     found = []
     rep = spec.num_attention_heads // spec.num_key_value_heads
     for i in range(spec.num_hidden_layers):
         p = f"model.layers.{i}."
         found.append(Pair(p + "self_attn.o_proj", p + "self_attn.v_proj.weight", p + "self_attn.o_proj.weight",
                           rep, spec.head_dim))
-        found.append(Pair(p + "mlp.down_proj", p + "mlp.up_proj.weight", p + "mlp.down_proj.weight"))
+        found.extend(Pair(*names) for names in family.int4_mlp_pairs(spec, p))
     return found
 
 

@@ -246,7 +246,7 @@ def write_int4(ckpt: Checkpoint, jobs: list[TensorJob], out: Path, scheme: Int4S
         save_file({k: v.contiguous() for k, v in scales.items()}, str(out / int4_rescale.FILE),
                   metadata={"method": "+".join(methods)})
     method = method_name(search, rescale, calibration)
-    qc = quantization_config(scheme, method)
+    qc = quantization_config(scheme, method, family_of(llama_spec).int4_ignore(llama_spec))
     cfg = family_of(ckpt.spec).llama_config(ckpt.spec, FLOAT_DTYPE) | {"quantization_config": qc}
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     if scheme.format == "gptq":  # GPTQModel and AutoGPTQ read this file rather than config.json
@@ -255,6 +255,8 @@ def write_int4(ckpt: Checkpoint, jobs: list[TensorJob], out: Path, scheme: Int4S
     summary = report_json(scheme, method, report)
     if calibrated is not None and calibrated.awq_alphas:  # AWQ's chosen exponent per norm (null: no scaling)
         summary["awq_alpha"] = calibrated.awq_alphas
+    if calibrated is not None and calibrated.uncalibrated:  # experts no calibration token reached: data-free
+        summary["uncalibrated"] = calibrated.uncalibrated
     (out / REPORT_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     return report
 
