@@ -27,7 +27,7 @@ originals, and the scales go to rescaling.safetensors for verify.
 Memory: the hidden states of all samples (samples x seq_len x hidden float32), one block's
 weights (each projection's original dropped once its dequantized value replaces it), its
 Hessians (each freed after its last projection) and GPTQ's inverse-Hessian factor of one
-projection (float64, two [in, in] matrices at its peak). The writer asks for projections in file order; a block is
+projection (float32, two [in, in] matrices at its peak). The writer asks for projections in file order; a block is
 processed the first time one of its projections is asked for, its codes kept until written.
 """
 
@@ -273,11 +273,10 @@ class GptqQuantizer:
                         parts = int4.quantize_groups(w.read(name), self.group_size, self.sym, self.search)
                         self.uncalibrated.append(name)
                     elif self.calibration.gptq:
-                        # A Hessian's last user gets it as float64 in a list: GPTQ takes the only
-                        # reference (the float32 sum is freed here), so the 2B's down_proj peaks at
-                        # two float64 [in, in] matrices, not three plus the float32 one.
-                        h = [hessians.sums.pop(kind).to(torch.float64)] if last_user[kind] == name \
-                            else hessians.sums[kind]
+                        # A Hessian's last user gets it in a list: GPTQ takes the only reference
+                        # and works on it in place, so the 2B's down_proj peaks at two float32
+                        # [in, in] matrices (265 MB), not three.
+                        h = [hessians.sums.pop(kind)] if last_user[kind] == name else hessians.sums[kind]
                         parts = gptq.gptq(w.read(name), h, self.group_size, self.sym, self.search,
                                           act_order=self.calibration.act_order)
                         del h

@@ -227,7 +227,11 @@ def llama_card(ckpt, source: str, repo_id: str | None, architecture: str, dtype:
 def int4_card(ckpt, source: str, repo_id: str | None, scheme, search: bool, report, params: int,
               notes: list[str], rescale: bool = True, calibration=None) -> Card:
     """The card of a to-int4 export (`calibration`: the GPTQ calibration it was made with, or None)."""
+    from .families import family_of
     name = repo_id or source
+    family = family_of(ckpt.spec)
+    architecture = family.llama_architecture(ckpt.spec)
+    quantized, rescaled = family.int4_card_terms(ckpt.spec)
     fmt = {"gptq": "GPTQ (v1)", "awq": "AutoAWQ GEMM (`awq`)"}.get(scheme.format, "compressed-tensors `pack-quantized`")
     flags = f"--format {scheme.format} --group-size {scheme.group_size} {'--sym' if scheme.sym else '--asym'}"
     flags += ("" if search else " --no-search") + ("" if rescale else " --no-rescale")
@@ -241,7 +245,7 @@ def int4_card(ckpt, source: str, repo_id: str | None, scheme, search: bool, repo
                 else "group-quantized without calibration data")
     summary = (f"{hub_link(repo_id, source)} with 4-bit weights, converted by minicpm-convert {__version__} "
                f"(`minicpm-convert to-int4 {name} OUT {flags}`): the Llama "
-               f"format as to-llama writes it, whose seven projections per layer are {fmt}, "
+               f"format as to-llama writes it (`{architecture}`), whose {quantized} are {fmt}, "
                f"{how_made}; embeddings, norms and the head stay float16.")
     rows = ["| layer | round to nearest | this export |", "|---|---|---|"]
     for kind, err in report.by_layer_type().items():
@@ -260,8 +264,8 @@ def int4_card(ckpt, source: str, repo_id: str | None, scheme, search: bool, repo
                     "the input and post-attention norms and divided out of the q/k/v and gate/up input columns "
                     "(the function is unchanged; the scales are in `rescaling.safetensors`)")
     if rescale:
-        how += ("; before quantizing, o_proj/down_proj input columns were rescaled against v_proj/up_proj "
-                "output rows (the function is unchanged; the scales are in `rescaling.safetensors`)")
+        how += (f"; before quantizing, {rescaled} (the function is unchanged; the scales are in "
+                "`rescaling.safetensors`)")
     quant = (f"{fmt}, 4 bits, group size {scheme.group_size}, {'symmetric' if scheme.sym else 'asymmetric'}, "
              f"{how}. Mean relative weight error ||W-Ŵ||/||W|| per layer type (`quantization_report.json` has "
              "every tensor's):\n\n" + "\n".join(rows))
@@ -271,8 +275,9 @@ def int4_card(ckpt, source: str, repo_id: str | None, scheme, search: bool, repo
     vllm = "" if scheme.sym or scheme.format != "gptq" else " (vLLM 0.32 refuses asymmetric GPTQ)"
     use = TRANSFORMERS_USE.format(where="path/to/this/folder", loads=needs, vllm=f".{vllm}")
     return Card(f"{name} (INT4, {scheme.format}, group {scheme.group_size})", summary, "transformers",
-                [*source_tags(ckpt.spec), "llama", scheme.format, "4-bit", "int4"], quantized=True,
-                facts=[("architecture", "`LlamaForCausalLM`"),
+                [*source_tags(ckpt.spec), architecture.removesuffix("ForCausalLM").lower(), scheme.format, "4-bit",
+                 "int4"], quantized=True,
+                facts=[("architecture", f"`{architecture}`"),
                        ("quantization", f"{scheme.format}, 4-bit, group {scheme.group_size}, "
                                         f"{'sym' if scheme.sym else 'asym'}"),
                        *_model_facts(ckpt.spec, params)],

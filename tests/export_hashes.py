@@ -24,10 +24,10 @@ INT4 = {"gptq": ["--format", "gptq"], "gptq-asym-g64": ["--format", "gptq", "--a
         "ct": ["--format", "compressed-tensors"],
         "ct-asym-g32": ["--format", "compressed-tensors", "--asym", "--group-size", "32"],
         "awq": ["--format", "awq"]}
-# Which commands each fixture supports (moe has no INT4 layout).
+# Which commands each fixture supports (MoE's INT4 is compressed-tensors only).
 FIXTURE_COMMANDS = {"tiny": ("llama", "gguf", "int4"), "gqa": ("llama", "gguf", "int4"),
                     "untied": ("llama", "gguf", "int4"), "odd": ("llama", "gguf"),
-                    "sharded": ("llama", "gguf"), "bin": ("llama", "gguf"), "moe": ("llama", "gguf")}
+                    "sharded": ("llama", "gguf"), "bin": ("llama", "gguf"), "moe": ("llama", "gguf", "int4-ct")}
 
 
 def exports() -> list[tuple[str, str, list[str], str]]:
@@ -42,8 +42,8 @@ def exports() -> list[tuple[str, str, list[str], str]]:
                 for quant in GGUF_TYPES:
                     out.append((f"{fixture}/to-gguf-{arch}-{quant}", fixture,
                                 ["to-gguf", "--quant", quant, "--arch", arch], "m.gguf"))
-        if "int4" in commands:
-            for name, args in INT4.items():
+        for name, args in INT4.items():
+            if "int4" in commands or ("int4-ct" in commands and "compressed-tensors" in args):
                 out.append((f"{fixture}/to-int4-{name}", fixture, ["to-int4", *args], "int4"))
     return out
 

@@ -317,6 +317,8 @@ def test_int4_export_loads_in_transformers_and_passes_verify(how, int4_exports, 
     assert stored.get("model.layers.1.block_sparse_moe.experts.7.w2.weight_packed").dtype == torch.int32
     qc = json.loads((folder / "config.json").read_text())["quantization_config"]
     assert qc["ignore"] == ["lm_head", "re:.*block_sparse_moe.gate$"]
+    card = (folder / "README.md").read_text()
+    assert "| architecture | `MixtralForCausalLM` |" in card and "every expert's w1/w3/w2" in card
 
 
 def test_int4_gptq_per_expert_lowers_kl_on_the_calibration_text(int4_exports, fixture_path):

@@ -85,6 +85,11 @@ class Family:
         model (formats/hf/int4_rescale.py): up_proj's rows against down_proj's columns."""
         return [(p + "mlp.down_proj", p + "mlp.up_proj.weight", p + "mlp.down_proj.weight")]
 
+    def int4_card_terms(self, spec: ModelSpec) -> tuple[str, str]:
+        """How an INT4 export's card names (what is quantized, what the rescaling did)."""
+        return ("seven projections per layer",
+                "o_proj/down_proj input columns were rescaled against v_proj/up_proj output rows")
+
     def int4_ignore(self, spec: ModelSpec) -> tuple[str, ...]:
         """The Linear modules an INT4 export leaves unquantized (compressed-tensors' `ignore`)."""
         return ("lm_head",)

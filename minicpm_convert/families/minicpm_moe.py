@@ -111,6 +111,11 @@ class MiniCPMMoE(MiniCPMBase):
         return [(x + "w2", x + "w3.weight", x + "w2.weight")
                 for x in (f"{p}{MIXTRAL_PREFIX}experts.{e}." for e in range(spec.num_experts))]
 
+    def int4_card_terms(self, spec: ModelSpec) -> tuple[str, str]:
+        return ("attention projections and every expert's w1/w3/w2 (the router stays float16)",
+                "the input columns of o_proj and of every expert's w2 were rescaled against the output rows of "
+                "v_proj and of that expert's w3")
+
     def int4_ignore(self, spec: ModelSpec) -> tuple[str, ...]:
         # the router stays float16, as llm-compressor's Mixtral recipes leave it
         return super().int4_ignore(spec) + (f"re:.*{MIXTRAL_PREFIX}gate$",)

@@ -42,7 +42,8 @@ def quantize_groups_with_errors(w: torch.Tensor, group_size: int, sym: bool = Tr
     x = w.detach().to(torch.float32).reshape(-1, group_size).contiguous().numpy()
     if not np.isfinite(x).all():
         raise ValueError("weight contains NaN or Inf")
-    cw = None if column_weights is None else column_weights.detach().to(torch.float32).reshape(-1).numpy()
+    # contiguous: the compiled search reads the buffer as is (a Hessian's diagonal is a strided view)
+    cw = None if column_weights is None else column_weights.detach().to(torch.float32).reshape(-1).contiguous().numpy()
     codes, scales, zeros, errors = int4_search.search_groups(x, sym, search, cw)
     groups = inp // group_size
     return (torch.from_numpy(codes).reshape(out, inp), torch.from_numpy(scales).reshape(out, groups),

@@ -101,19 +101,43 @@ def test_rejects_bad_input():
 
 def test_inverse_factor_matches_the_textbook_formula_and_damps_a_singular_hessian():
     # The in-place, identity-free factor must give the bits of (H + d*I)^-1's upper Cholesky
-    # factor as written in the paper; a rank-deficient H gets more damping rather than failing.
+    # factor as written in the paper, in float32 as GPTQModel and llm-compressor compute it, and
+    # stay close to the float64 factor; a rank-deficient H gets more damping rather than failing.
     g = torch.Generator().manual_seed(3)
     x = torch.randn(300, 96, generator=g, dtype=torch.float64)
-    h = x.T @ x
+    h = (x.T @ x).float()
     extra = gptq.DAMP * h.diagonal().mean().item()
-    want = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h + extra * torch.eye(96,
-                                 dtype=torch.float64))), upper=True).to(torch.float32)
+    textbook = lambda m: torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(  # noqa: E731
+        m + extra * torch.eye(96, dtype=m.dtype))), upper=True)
     kept = h.clone()
-    assert torch.equal(gptq.inverse_hessian_factor(h), want)
+    got = gptq.inverse_hessian_factor(h)
+    with gptq._one_thread():  # as the factor is computed (test below)
+        want = textbook(h)
+    assert got.dtype == torch.float32 and torch.equal(got, want)
     assert torch.equal(h, kept)  # without overwrite the caller's Hessian is untouched
+    exact = textbook(h.double())
+    assert ((got.double() - exact).norm() / exact.norm()).item() < 1e-5
     low = x[:, :10].T @ x[:, :10]
     singular = torch.zeros(96, 96, dtype=torch.float64)
     singular[:10, :10] = low  # 86 zero rows and columns: mean-diagonal damping alone keeps it definite
     singular[50, 50] = -1.0   # not even positive semi-definite: needs stronger damping
     u = gptq.inverse_hessian_factor(singular)
     assert torch.isfinite(u).all() and (u.diagonal() > 0).all()
+
+
+def test_inverse_factor_has_the_same_bits_whatever_the_thread_count():
+    """LAPACK's blocked Cholesky splits its updates by thread count (a 512^2 factor differs in the
+    last bits between 1 and 2 threads, in float64 too); the factor runs on one thread so the
+    export does not depend on it."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2048, 512, generator=g)
+    h = x.T @ x
+    before = torch.get_num_threads()
+    try:
+        got = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            got.append(gptq.inverse_hessian_factor(h))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(got[0], got[1])
