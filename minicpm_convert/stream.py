@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import threading
 from collections import deque
+from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Callable, Iterable, Iterator, TypeVar
@@ -229,3 +230,14 @@ def llama_stream(ckpt: Checkpoint) -> list[TensorJob]:
     """The Llama-format tensors of the checkpoint, as its family makes them."""
     from .families import family_of
     return family_of(ckpt.spec).llama_jobs(ckpt)
+
+
+@contextmanager
+def torch_threads(n: int):
+    """torch's intra-op threads set to `n` for the block, restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -26,10 +26,9 @@ The result is codes, float16-valued scales and zeros in `int4.quantize_groups`' 
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import torch
 
+from ..stream import torch_threads
 from . import int4
 
 DAMP = 0.01
@@ -51,18 +50,8 @@ def inverse_hessian_factor(h: torch.Tensor | list, damp: float = DAMP, *, overwr
     last bits (float64's too, hidden before by the rounding to float32) depend on it, and the
     export must not. It costs 8.3 s instead of 4.4 s for a 5760^2 Hessian (2 cores), about 1.5% of
     a 2B block's calibration."""
-    with _one_thread():
+    with torch_threads(1):
         return _inverse_hessian_factor(h, damp, overwrite)
-
-
-@contextmanager
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _inverse_hessian_factor(h: torch.Tensor | list, damp: float, overwrite: bool) -> torch.Tensor:

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from minicpm_convert.quants import gptq, int4
+from minicpm_convert.stream import torch_threads
 
 
 def layer(out=96, inp=256, tokens=2048, seed=0):
@@ -111,7 +112,7 @@ def test_inverse_factor_matches_the_textbook_formula_and_damps_a_singular_hessia
         m + extra * torch.eye(96, dtype=m.dtype))), upper=True)
     kept = h.clone()
     got = gptq.inverse_hessian_factor(h)
-    with gptq._one_thread():  # as the factor is computed (test below)
+    with torch_threads(1):  # as the factor is computed (test below)
         want = textbook(h)
     assert got.dtype == torch.float32 and torch.equal(got, want)
     assert torch.equal(h, kept)  # without overwrite the caller's Hessian is untouched

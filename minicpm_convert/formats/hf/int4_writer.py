@@ -11,7 +11,7 @@ written.
 from __future__ import annotations
 
 import json
-from contextlib import closing, contextmanager, nullcontext
+from contextlib import closing, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -24,7 +24,7 @@ from .int4 import Int4Scheme, check_shapes, is_projection, layer_type, packed_te
 from ...progress import progress_bar
 from ...quants import int4, int4_awq
 from ...sources.safetensors_file import safetensors_header, write_tensor
-from ...stream import PARALLEL_CHUNK_VALUES, TensorJob, ordered_map, worker_threads
+from ...stream import PARALLEL_CHUNK_VALUES, TensorJob, ordered_map, torch_threads, worker_threads
 from ...families import family_of
 from ...calibrated import Calibration, GptqQuantizer
 from . import int4_rescale
@@ -151,16 +151,6 @@ def _quantize_calibrated(job: TensorJob, scheme: Int4Scheme, search: bool, repor
     _record(report, job.name, sq, True)
     prefix = job.name.removesuffix("weight")
     return {prefix + k: v for k, v in _pack(scheme, codes, scales, zeros).items()}
-
-
-@contextmanager
-def torch_threads(n: int):
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def check_quantizable(ckpt: Checkpoint, jobs: list[TensorJob], group_size: int) -> None:
