@@ -209,7 +209,7 @@ class Int4Method(str, Enum):
 @run_safely
 def to_int4(
     src: str = typer.Argument(..., help=SRC_HELP),
-    out: Path = typer.Argument(..., help="Output folder (LlamaForCausalLM with 4-bit Linear layers)."),
+    out: Path = typer.Argument(..., help="Output folder (LlamaForCausalLM, MixtralForCausalLM for MiniCPM-MoE, with 4-bit Linear layers)."),
     fmt: Int4Format = typer.Option(Int4Format.gptq, "--format", help="gptq: GPTQ v1 (transformers+gptqmodel, vLLM, "
                                    "SGLang); compressed-tensors: pack-quantized (transformers, vLLM); awq: AutoAWQ "
                                    "GEMM, asymmetric (transformers+gptqmodel, vLLM). MiniCPM-MoE: compressed-tensors only."),
@@ -241,7 +241,7 @@ def to_int4(
 ):
     """Write a 4-bit group-quantized Llama-format checkpoint: data-free, or GPTQ (or AWQ) with --calibration.
 
-    The seven projections of every block are quantized; embeddings, norms and lm_head stay
+    The seven projections of every block (MiniCPM-MoE: attention and every expert's w1/w3/w2, its router float16) are quantized; embeddings, norms and lm_head stay
     float16. Prints the relative weight error per layer type and writes quantization_report.json;
     its README.md is a model card for the Hugging Face Hub.
     """
